@@ -1,0 +1,168 @@
+"""ControlNet (Zhang et al. 2023): a trainable copy of the SD UNet encoder steers a locked SD.
+
+- `ControlNet`: the copy (time embedding, input blocks, middle block) plus the hint block that turns the
+  control image into a feature map, and one zero-initialised 1x1 conv per encoder output.
+- `ControlledUnetModel`: the locked SD UNet; the control residuals are added to its middle output and to
+  its skip connections.
+- `ControlLDM`: latent diffusion with both; it overrides only how the denoiser is applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ldm.models.diffusion.ddpm import Conditioning, LatentDiffusion
+from ldm.modules.attention import AttentionKind
+from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderMixin, UNetModel
+from ldm.modules.diffusionmodules.util import conv_nd, zero_module
+from ldm.util import instantiate_from_config
+
+# The hint block of the paper: a small conv net mapping the control image (full resolution) to the
+# latent resolution (/8, three stride-2 convs). (out_channels, stride) of each conv; SiLU in between.
+HINT_BLOCK_LAYOUT: tuple[tuple[int, int], ...] = (
+    (16, 1), (16, 1), (32, 2), (32, 1), (96, 2), (96, 1), (256, 2),
+)
+
+
+class ControlledUnetModel(UNetModel):
+    """The locked SD UNet, with control residuals added to the middle output and to each skip.
+
+    control: the ControlNet's outputs (one per input block, then the middle one), already scaled.
+    With only_mid_control, only the middle residual is used.
+    """
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                control: Sequence[torch.Tensor] | None = None, only_mid_control: bool = False,
+                **kwargs) -> torch.Tensor:
+        # The encoder is locked and its activations are not needed for any gradient (the control enters
+        # after it), so it runs without autograd state.
+        with torch.no_grad():
+            emb = self.time_embedding(timesteps)
+            h = x
+            skips = []
+            for block in self.input_blocks:
+                h = block(h, emb, context)
+                skips.append(h)
+            h = self.middle_block(h, emb, context)
+        if control is None:
+            return self.decode(h, skips, emb, context)
+        control = list(control)
+        h = h + control.pop()
+        if not only_mid_control:
+            skips = [skip + residual for skip, residual in zip(skips, control, strict=True)]
+        return self.decode(h, skips, emb, context)
+
+
+class ControlNet(UNetEncoderMixin):
+    """Trainable copy of the UNet encoder, conditioned on a hint image.
+
+    forward(x (B, C, h, w) latents, hint (B, hint_channels, 8h, 8w) in [0, 1], timesteps (B,),
+    context (B, 77, context_dim)) -> list of residuals: one (B, C_i, h_i, w_i) per input block of the
+    UNet, then one for the middle block.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        hint_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | Sequence[int] | None = None,
+        legacy: bool = True,
+        disable_self_attentions: Sequence[bool] | None = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+        attention: AttentionKind = "sdpa",
+        **ignored,
+    ):
+        super().__init__()
+        self._check_options(num_heads, num_head_channels, use_spatial_transformer, context_dim, attention,
+                            ignored)
+        self._build_encoder(
+            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
+            conv_resample, dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
+            transformer_depth, context_dim, use_linear_in_transformer, disable_self_attentions,
+            disable_middle_self_attn, attention,
+        )
+        layers: list[nn.Module] = []
+        channels = hint_channels
+        for out_channels, stride in HINT_BLOCK_LAYOUT:
+            layers += [conv_nd(dims, channels, out_channels, 3, padding=1, stride=stride), nn.SiLU()]
+            channels = out_channels
+        layers.append(zero_module(conv_nd(dims, channels, model_channels, 3, padding=1)))
+        self.input_hint_block = TimestepEmbedSequential(*layers)
+        self.zero_convs = nn.ModuleList(self._zero_conv(ch) for ch in self.input_block_chans)
+        self.middle_block_out = self._zero_conv(self._encoder_out_channels)
+
+    def _zero_conv(self, channels: int) -> TimestepEmbedSequential:
+        return TimestepEmbedSequential(zero_module(conv_nd(self._dims, channels, channels, 1, padding=0)))
+
+    @property
+    def num_controls(self) -> int:
+        """How many residuals forward returns (13 for SD)."""
+        return len(self.zero_convs) + 1
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None = None, **kwargs) -> list[torch.Tensor]:
+        emb = self.time_embedding(timesteps)
+        guided_hint = self.input_hint_block(hint, emb, context)
+        outs = []
+        h = x
+        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
+            h = block(h, emb, context)
+            if i == 0:  # the hint enters once, after the first conv
+                h = h + guided_hint
+            outs.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h, emb, context))
+        return outs
+
+
+class ControlLDM(LatentDiffusion):
+    """Latent diffusion whose denoiser is the locked UNet steered by a ControlNet.
+
+    cond for `apply_model`: {"c_crossattn": [context (B, 77, D)], "c_concat": [hint (B, 3, H, W) in [0, 1]]
+    or None}. `control_scales` multiplies each residual (guess mode / strength); `only_mid_control` adds
+    only the middle one.
+    """
+
+    def __init__(self, control_stage_config: Mapping, control_key: str = "hint", only_mid_control: bool = False,
+                 *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.control_model: ControlNet = instantiate_from_config(control_stage_config)
+        self.control_key = control_key
+        self.only_mid_control = only_mid_control
+        self.control_scales: list[float] = [1.0] * self.control_model.num_controls
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        context = torch.cat(list(cond["c_crossattn"]), dim=1)
+        unet = self.model.diffusion_model
+        hints = cond.get("c_concat")
+        if hints is None:
+            return unet(x_noisy, timesteps=t, context=context, control=None,
+                        only_mid_control=self.only_mid_control)
+        control = self.control_model(x=x_noisy, hint=torch.cat(list(hints), dim=1), timesteps=t, context=context)
+        if len(self.control_scales) < len(control):
+            raise ValueError(f"control_scales has {len(self.control_scales)} entries, the ControlNet gives "
+                             f"{len(control)} residuals")
+        # Like the original, extra scales are ignored: a list written for SD's 13 controls also works on a
+        # smaller ControlNet (only its first entries are used).
+        control = [c * scale for c, scale in zip(control, self.control_scales, strict=False)]
+        return unet(x_noisy, timesteps=t, context=context, control=control, only_mid_control=self.only_mid_control)
