@@ -33,20 +33,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu") -> StateDict:
-    """Read a `.safetensors`, `.ckpt` or `.pth` file into a flat {key: tensor} dict.
+def read_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu") -> tuple[StateDict, dict]:
+    """Read a `.safetensors`, `.ckpt` or `.pth` file: (flat {key: tensor} state dict, metadata).
 
-    A Lightning checkpoint's `state_dict` entry is unwrapped. Pickles are read with weights_only=True, so
+    The metadata is everything beside the tensors: a Lightning checkpoint's `hyper_parameters`,
+    `global_step`, ... or a safetensors file's string metadata. Pickles are read with weights_only=True, so
     a file that would run code is refused.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(location))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(str(path), device=str(location)), metadata
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     try:
@@ -59,7 +63,15 @@ def read_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu
         ) from err
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
-    return unwrap_state_dict(data, path)
+    metadata = {k: v for k, v in data.items() if k != "state_dict"} if isinstance(data, Mapping) else {}
+    if isinstance(data, Mapping) and "state_dict" not in data:
+        metadata = {k: v for k, v in metadata.items() if not isinstance(v, torch.Tensor)}
+    return unwrap_state_dict(data, path), metadata
+
+
+def read_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu") -> StateDict:
+    """Read a `.safetensors`, `.ckpt` or `.pth` file into a flat {key: tensor} dict (see read_checkpoint)."""
+    return read_checkpoint(path, location)[0]
 
 
 def unwrap_state_dict(data: object, source: str | os.PathLike = "<checkpoint>") -> StateDict:
