@@ -1,7 +1,7 @@
 """The KL autoencoder against golden data from the original ControlNet code.
 
 tiny: the VAE of tests/data/reference/tiny (config, weights and vectors from the original code);
-full size: the SD1.5 VAE's state-dict keys and shapes against the original's manifest.
+full size: the VAE of models/cldm_v15.yaml and cldm_v21.yaml against the original's state-dict manifests.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 REFERENCE = Path(__file__).parent / "data" / "reference"
 TINY = REFERENCE / "tiny"
+MODELS = Path(__file__).parent.parent / "models"
 PREFIX = "first_stage_model."
 # Suggested in tiny/README.md for single forward passes; observed error here is <= 7e-6.
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
-# The ddconfig of ControlNet's models/cldm_v15.yaml (identical in SD1.x v1-inference.yaml).
+# The ddconfig of the original ControlNet models/cldm_v15.yaml (identical in SD1.x v1-inference.yaml).
 SD15_DDCONFIG = {
     "double_z": True,
     "z_channels": 4,
@@ -125,26 +126,35 @@ def test_attention_resolutions_add_blocks_and_kernels_agree():
 # --- full-size layout ---------------------------------------------------------------------------------
 
 
-def build_sd15_on_meta() -> AutoencoderKL:
+def build_full_size_on_meta(version: str) -> AutoencoderKL:
+    """The VAE exactly as the project's models/cldm_{version}.yaml describes it, without allocating."""
+    params = OmegaConf.load(MODELS / f"cldm_{version}.yaml").model.params.first_stage_config.params
     with torch.device("meta"):
-        return AutoencoderKL(SD15_DDCONFIG, {"target": "torch.nn.Identity"}, SD15_EMBED_DIM)
+        return AutoencoderKL(**params)
 
 
-def test_sd15_state_dict_matches_original_manifest():
-    manifest = json.loads((REFERENCE / "sd15_state_dict.json").read_text())
+@pytest.mark.parametrize("version", ["v15", "v21"])
+def test_full_size_state_dict_matches_original_manifest(version):
+    manifest = json.loads((REFERENCE / f"sd{version[1:]}_state_dict.json").read_text())
     expected = {key.removeprefix(PREFIX): shape for key, shape, _ in manifest if key.startswith(PREFIX)}
-    model = build_sd15_on_meta()
+    model = build_full_size_on_meta(version)
     actual = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
     counts = json.loads((REFERENCE / "param_counts.json").read_text())
-    reference_counts = counts["cldm_v15"]["first_stage_model"]
+    reference_counts = counts[f"cldm_{version}"]["first_stage_model"]
     assert len(expected) == reference_counts["state_dict_keys"] == 248
     assert sorted(actual) == sorted(expected)
     assert actual == expected
     assert sum(p.numel() for p in model.parameters()) == reference_counts["parameters"]
 
 
+def test_sd15_config_is_the_kl_f8_vae():
+    params = OmegaConf.load(MODELS / "cldm_v15.yaml").model.params.first_stage_config.params
+    assert OmegaConf.to_container(params.ddconfig) == SD15_DDCONFIG
+    assert params.embed_dim == SD15_EMBED_DIM
+
+
 def test_sd15_on_meta_maps_256px_to_32px_latents():
-    model = build_sd15_on_meta()
+    model = build_full_size_on_meta("v15")
     with torch.device("meta"):
         posterior = model.encode(torch.empty(2, 3, 256, 256))
         decoded = model.decode(posterior.sample())
