@@ -2,7 +2,7 @@
 
 The original BLIP ran transformers 4.15's slow BertTokenizer. Its `decode(ids, skip_special_tokens=True)`
 is reproduced here from the token strings, so the caption text does not depend on the installed tokenizer
-backend (the fast WordPiece decoder's clean-up differs, e.g. it also rewrites " do not" to " don't").
+backend (transformers 5's decode differs: e.g. it keeps " ' " where 4.15's clean-up glued it to "'").
 """
 
 from __future__ import annotations
