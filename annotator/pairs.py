@@ -1,0 +1,85 @@
+"""One image file -> a (photo, Canny edge map) training pair on disk; the unit of work of a dataset build.
+
+Runs in worker processes, so it imports only light libraries and gets everything it needs as arguments.
+Files appear atomically (written to a scratch folder on the same disk, then renamed), so a killed
+build leaves either a complete file or none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from annotator.canny import CannyThresholds, canny, random_thresholds
+from annotator.image_io import UnreadableImageError, read_image_rgb
+from annotator.util import SIZE_MULTIPLE, resize_and_crop
+
+# High enough that re-encoding a photo loses nothing visible; photos that need no change are copied.
+DEFAULT_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """How every pair of a build is made.
+
+    resolution: None keeps the photo's size, N scales the short side to N and centre-crops N x N.
+    thresholds: fixed Canny thresholds, or None for random ones per image drawn from (random_seed, key).
+    min_side: photos whose shorter side is below this are skipped (64: one latent pixel per UNet level).
+    max_pixels: photos with more pixels are skipped before decoding (decompression-bomb guard).
+    """
+
+    resolution: int | None = None
+    thresholds: CannyThresholds | None = CannyThresholds()
+    random_seed: int = 0
+    min_side: int = SIZE_MULTIPLE
+    max_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """One image: where to read it, its key (stable name, e.g. its relative path), where the pair goes.
+    scratch_dir must be on the same file system as the outputs (the final step is a rename)."""
+
+    image_path: Path
+    key: str
+    target_path: Path
+    source_path: Path
+    scratch_dir: Path
+
+
+def make_canny_pair(job: PairJob, settings: PairSettings) -> str | None:
+    """Write the target photo (JPEG, RGB) and its Canny edge map (PNG, grey, same size, 255 = edge).
+
+    Returns None on success, or the reason the image was skipped (unreadable, too small, too large).
+    Errors writing the outputs are not bad input and propagate.
+    """
+    try:
+        decoded = read_image_rgb(job.image_path, settings.max_pixels)
+    except UnreadableImageError as err:
+        return str(err)
+    pixels = decoded.pixels
+    height, width = pixels.shape[:2]
+    if min(height, width) < settings.min_side:
+        return f"too small: {width}x{height}, shorter side < {settings.min_side} px"
+    if settings.resolution is not None:
+        pixels = resize_and_crop(pixels, settings.resolution)
+    thresholds = settings.thresholds or random_thresholds(settings.random_seed, job.key)
+    edges = canny(pixels, thresholds)
+
+    job.scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch_target = job.scratch_dir / job.target_path.name
+    scratch_source = job.scratch_dir / job.source_path.name
+    if decoded.file_is_rgb_jpeg and settings.resolution is None:
+        shutil.copyfile(job.image_path, scratch_target)
+    else:
+        Image.fromarray(pixels).save(scratch_target, format="JPEG", quality=settings.jpeg_quality)
+    Image.fromarray(np.ascontiguousarray(edges)).save(scratch_source, format="PNG")
+    os.replace(scratch_target, job.target_path)
+    os.replace(scratch_source, job.source_path)
+    return None
