@@ -1,0 +1,213 @@
+"""The ControlNet training set on disk, and the torch Dataset that reads it (the original's contract).
+
+A dataset folder ROOT, in the format of the original's fill50k:
+
+    ROOT/prompt.json   JSON lines, one pair each:
+                       {"source": "source/NAME.png", "target": "target/NAME.jpg", "prompt": "..."}
+    ROOT/source/       control images (here Canny edge maps), each the size of its target
+    ROOT/target/       the photos
+
+Paths in prompt.json are relative to ROOT with "/" separators and must stay inside ROOT.
+
+An item is `dict(jpg=target, txt=prompt, hint=source)`:
+
+    jpg   float32 (H, W, 3) RGB in [-1, 1]   what the diffusion model learns to produce
+    hint  float32 (H, W, 3) RGB in [0, 1]    the control image
+    txt   str                                the prompt ('' when dropped)
+
+HWC, as in the original: the LightningModule moves channels first itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from annotator.image_io import read_image_rgb
+from annotator.util import resize_and_crop
+
+PROMPT_FILE = "prompt.json"
+SOURCE_DIR = "source"
+TARGET_DIR = "target"
+SOURCE_SUFFIX = ".png"
+TARGET_SUFFIX = ".jpg"
+ENTRY_KEYS = ("source", "target", "prompt")
+TARGET_RANGE = (-1.0, 1.0)
+HINT_RANGE = (0.0, 1.0)
+UINT8_MAX = 255.0
+# Missing files are listed up to this many in the error, then counted.
+MAX_LISTED_MISSING = 20
+
+
+class DatasetError(ValueError):
+    """A dataset folder that does not follow the contract; the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One line of prompt.json: paths relative to the dataset root, and the prompt."""
+
+    source: str
+    target: str
+    prompt: str
+
+    @classmethod
+    def for_name(cls, name: str, prompt: str) -> PromptEntry:
+        """The entry of the pair NAME: source/NAME.png, target/NAME.jpg."""
+        return cls(f"{SOURCE_DIR}/{name}{SOURCE_SUFFIX}", f"{TARGET_DIR}/{name}{TARGET_SUFFIX}", prompt)
+
+    def to_json_line(self) -> str:
+        """The entry as one JSON line (no trailing newline), keys in the original's order."""
+        return json.dumps({"source": self.source, "target": self.target, "prompt": self.prompt},
+                          ensure_ascii=False)
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """ROOT/relative, refusing absolute paths and paths (or links) that lead outside ROOT."""
+    if PurePosixPath(relative).is_absolute() or Path(relative).is_absolute() or "\\" in relative:
+        raise DatasetError(f"path {relative!r} must be relative to the dataset folder, with '/' separators")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise DatasetError(f"path {relative!r} points outside the dataset folder {root}")
+    return resolved
+
+
+def read_prompt_file(root: str | Path) -> list[PromptEntry]:
+    """Parse and check ROOT/prompt.json: every line a JSON object with string source/target/prompt whose
+    paths stay inside ROOT, and every file present. Blank lines are ignored.
+
+    Raises DatasetError naming the line and key of the first malformed line, or listing missing files.
+    """
+    root = Path(root)
+    prompt_path = root / PROMPT_FILE
+    if not prompt_path.is_file():
+        raise DatasetError(f"{prompt_path} not found: is {root} a dataset folder?")
+    entries = []
+    with open(prompt_path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.strip():
+                entries.append(_parse_line(root, prompt_path, line_number, line))
+    if not entries:
+        raise DatasetError(f"{prompt_path} has no entries")
+    missing = [path for entry in entries for path in (entry.source, entry.target)
+               if not (root / path).is_file()]
+    if missing:
+        listed = "\n  ".join(missing[:MAX_LISTED_MISSING])
+        unlisted = len(missing) - MAX_LISTED_MISSING
+        more = f"\n  ... and {unlisted} more" if unlisted > 0 else ""
+        raise DatasetError(f"{len(missing)} file(s) named in {prompt_path} are missing:\n  {listed}{more}")
+    return entries
+
+
+def _parse_line(root: Path, prompt_path: Path, line_number: int, line: str) -> PromptEntry:
+    where = f"{prompt_path} line {line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{where}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ENTRY_KEYS:
+        if not isinstance(record.get(key), str):
+            raise DatasetError(f"{where}: key {key!r} missing or not a string")
+    for key in ("source", "target"):
+        try:
+            resolve_inside(root, record[key])
+        except DatasetError as err:
+            raise DatasetError(f"{where}: key {key!r}: {err}") from err
+    return PromptEntry(record["source"], record["target"], record["prompt"])
+
+
+Size = tuple[int, int]  # (width, height)
+
+
+def _size_mismatch(entry: PromptEntry, source_size: Size, target_size: Size) -> DatasetError:
+    return DatasetError(f"{entry.source} is {source_size[0]}x{source_size[1]} but {entry.target} is "
+                        f"{target_size[0]}x{target_size[1]}; a control image must match its photo")
+
+
+class ControlDataset(Dataset):
+    """Training pairs of a dataset folder, as the original's `dict(jpg, txt, hint)` (see the module doc).
+
+    resolution: N scales each pair's short side to N and crops N x N (the same window for target and
+    source); None keeps the stored size, and then every pair must have the same size (checked here) so
+    batches can stack. prompt_dropout: probability that txt is '' (classifier-free guidance training;
+    ControlNet 1.1 dropped 50%). random_crop: a random window instead of the centre.
+    seed: None draws from torch's RNG (which DataLoader seeds per worker and per epoch); an int makes the
+    draws of item i a function of (seed, epoch, i), where `set_epoch` sets the epoch.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int | None = 512,
+        prompt_dropout: float = 0.0,
+        random_crop: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if resolution is not None and resolution <= 0:
+            raise ValueError(f"resolution must be a positive number of pixels or None, got {resolution}")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        self.root = Path(root)
+        self.resolution = resolution
+        self.prompt_dropout = prompt_dropout
+        self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self.entries = read_prompt_file(self.root)
+        if resolution is None:
+            self._check_one_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of this epoch (only matters with a seed)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+        entry = self.entries[index]
+        # The decompression-bomb limit is for untrusted input; a dataset folder has been built already.
+        target = read_image_rgb(self.root / entry.target, max_pixels=None).pixels
+        source = read_image_rgb(self.root / entry.source, max_pixels=None).pixels
+        if target.shape != source.shape:
+            raise _size_mismatch(entry, source.shape[1::-1], target.shape[1::-1])
+        drop_draw, crop_top, crop_left = self._uniforms(index)
+        if self.resolution is not None:
+            offset = (crop_top, crop_left) if self.random_crop else (0.5, 0.5)
+            target = resize_and_crop(target, self.resolution, offset)
+            source = resize_and_crop(source, self.resolution, offset)
+        prompt = "" if drop_draw < self.prompt_dropout else entry.prompt
+        return dict(
+            jpg=target.astype(np.float32) / (UINT8_MAX / 2) - 1.0,
+            txt=prompt,
+            hint=source.astype(np.float32) / UINT8_MAX,
+        )
+
+    def _uniforms(self, index: int) -> tuple[float, float, float]:
+        """Three U[0, 1) draws for item `index`: prompt dropout, crop top, crop left."""
+        if self.seed is None:
+            return tuple(torch.rand(3, dtype=torch.float64).tolist())
+        return tuple(np.random.default_rng([self.seed, self.epoch, index]).random(3).tolist())
+
+    def _check_one_size(self) -> None:
+        sizes: dict[Size, str] = {}
+        for entry in self.entries:
+            # Image.open reads only the header here: cheap even for a large dataset.
+            target_path, source_path = self.root / entry.target, self.root / entry.source
+            with Image.open(target_path) as target, Image.open(source_path) as source:
+                target_size, source_size = target.size, source.size
+            if target_size != source_size:
+                raise _size_mismatch(entry, source_size, target_size)
+            sizes.setdefault(target_size, entry.target)
+        if len(sizes) > 1:
+            examples = ", ".join(f"{path} ({w}x{h})" for (w, h), path in sizes.items())
+            raise DatasetError(f"resolution=None needs pairs of one size to batch, found {len(sizes)} sizes: "
+                               f"{examples}; pass a resolution")
