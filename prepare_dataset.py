@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds
-from annotator.pairs import DEFAULT_JPEG_QUALITY, PairJob, PairSettings, make_canny_pair
+from annotator.pairs import DEFAULT_JPEG_QUALITY, PairJob, PairSettings, init_pair_worker, make_canny_pair
 from annotator.util import SIZE_MULTIPLE
 
 # Note on imports: dataset.py (the data contract) is imported inside the two functions that write the
@@ -339,14 +339,14 @@ def _read_caption_file(image_path: Path) -> str | None:
     return caption_path.read_text(encoding="utf-8", errors="replace").strip() or None
 
 
-def _make_pairs(jobs: list[PairJob], settings: PairSettings, workers: int) -> Iterator[tuple[PairJob, str | None]]:
+def make_pairs(jobs: list[PairJob], settings: PairSettings, workers: int) -> Iterator[tuple[PairJob, str | None]]:
     """(job, skip reason or None) for every job, in order; in `workers` processes when workers > 1."""
     work = functools.partial(make_canny_pair, settings=settings)
     if workers <= 1 or len(jobs) <= 1:
         yield from ((job, work(job)) for job in jobs)
         return
     # spawn, not fork: the parent may hold threads (tqdm, torch) that a forked child would inherit broken.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_pair_worker) as pool:
         chunk = max(1, min(DEFAULT_BATCH_SIZE, len(jobs) // (4 * workers)))
         yield from zip(jobs, pool.imap(work, jobs, chunksize=chunk), strict=True)
 
@@ -469,7 +469,7 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
         for job in ready:
             captions.add(job)
         # closing(): stops the worker pool at once if captioning fails or the run is interrupted.
-        with closing(_make_pairs(jobs, config.pair_settings(), config.workers)) as pairs:
+        with closing(make_pairs(jobs, config.pair_settings(), config.workers)) as pairs:
             for job, reason in tqdm(pairs, total=len(jobs), desc="canny", unit=" images", position=0):
                 if reason is None:
                     captions.add(job)

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -51,6 +52,12 @@ class PairJob:
     target_path: Path
     source_path: Path
     scratch_dir: Path
+
+
+def init_pair_worker() -> None:
+    """Run once in each worker process: N workers already keep N cores busy, and OpenCV's own thread pool
+    on top of that would only oversubscribe them."""
+    cv2.setNumThreads(1)
 
 
 def make_canny_pair(job: PairJob, settings: PairSettings) -> str | None:
