@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -45,18 +46,26 @@ def synthetic_photo(width: int, height: int, rng: np.random.Generator) -> np.nda
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def time_stage(photos: list[Path], workers: int, folder: Path) -> float:
-    """Seconds to make every pair with `workers` processes (1: in this process)."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
+def time_stage(photos: list[Path], workers: int, folder: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) to make every pair with `workers` processes (1: in this process)."""
     output = folder / f"pairs-{workers}"
     output.mkdir()
     jobs = [PairJob(photo, photo.name, output / f"{photo.stem}.jpg", output / f"{photo.stem}.png",
                     output / "scratch") for photo in photos]
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     reasons = [reason for _, reason in make_pairs(jobs, PairSettings(), workers)]
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
     if any(reasons):
         raise RuntimeError(f"benchmark images were skipped: {set(reasons)}")
-    return seconds
+    return seconds, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             path = folder / f"photo{index:04d}.jpg"
             Image.fromarray(synthetic_photo(args.width, args.height, rng)).save(path, quality=JPEG_QUALITY)
             photos.append(path)
-        single = time_stage(photos, 1, folder)
-        parallel = time_stage(photos, args.workers, folder)
-    # Other work on the machine takes cores from the workers; the load average says how much there was.
+        single, single_cpu = time_stage(photos, 1, folder)
+        parallel, parallel_cpu = time_stage(photos, args.workers, folder)
+    # Other work on the machine takes cores from the workers: the load average says how much there was,
+    # and the CPU seconds show the work itself (the workers' extra is their start-up).
     load = os.getloadavg()[0]
     print(f"Canny stage, {args.images} photos of {args.width}x{args.height}, {os.cpu_count()} CPU cores, "
           f"load average {load:.1f}")
-    print(f"  1 process:       {args.images / single:7.1f} images/s ({single:.2f} s)")
-    print(f"  {args.workers} workers:{' ' * (7 - len(str(args.workers)))}"
-          f"{args.images / parallel:7.1f} images/s ({parallel:.2f} s, including process start-up)")
+    print(f"  {'1 process:':<13}{args.images / single:7.1f} images/s ({single:.2f} s, {single_cpu:.2f} CPU-s)")
+    print(f"  {f'{args.workers} workers:':<13}{args.images / parallel:7.1f} images/s ({parallel:.2f} s, "
+          f"{parallel_cpu:.2f} CPU-s, including process start-up)")
     print(f"  ratio: {single / parallel:.2f}x")
     return 0
 
