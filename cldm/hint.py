@@ -1,0 +1,38 @@
+"""Control images for inference: from a photo (Canny edges) or from a ready edge map.
+
+A control image is HWC uint8 RGB with both sides multiples of 64 (what the SD UNet needs after the VAE's
+/8); the model takes it as `hint_tensor(...)`: (B, 3, H, W) float in [0, 1], the original apps' scaling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from annotator.canny import CannyThresholds, canny
+from annotator.util import HWC3, SIZE_MULTIPLE, resize_image
+
+
+def control_from_photo(photo: np.ndarray, resolution: int, thresholds: CannyThresholds | None = None
+                       ) -> np.ndarray:
+    """The original canny app's control image: resize (short side ~resolution, sides multiples of 64),
+    then Canny (default thresholds 100/200). photo: HWC or HW uint8. Returns HWC uint8 in {0, 255}
+    (white edges on black)."""
+    image = resize_image(HWC3(photo), resolution)
+    return HWC3(canny(image, thresholds or CannyThresholds()))
+
+
+def control_from_map(edge_map: np.ndarray, resolution: int) -> np.ndarray:
+    """A given control image (e.g. an edge map), resized like a photo. Returns HWC uint8."""
+    return resize_image(HWC3(edge_map), resolution)
+
+
+def hint_tensor(control: np.ndarray, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """HWC uint8 control image -> (batch_size, 3, H, W) float32 in [0, 1] on `device`."""
+    height, width = control.shape[:2]
+    if control.ndim != 3 or control.shape[2] != 3 or control.dtype != np.uint8:
+        raise ValueError(f"control image must be HWC uint8 RGB, got shape {control.shape} {control.dtype}")
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise ValueError(f"control image sides must be multiples of {SIZE_MULTIPLE}, got {width}x{height}")
+    hint = torch.from_numpy(np.ascontiguousarray(control)).to(device=device, dtype=torch.float32) / 255.0
+    return hint.permute(2, 0, 1)[None].expand(batch_size, -1, -1, -1).contiguous()

@@ -1,0 +1,206 @@
+"""Generate images with a ControlNet from a photo (Canny edges) or a ready edge map, with DDIM.
+
+    python inference.py --ckpt models/control_sd15_canny.pth --image photo.jpg --prompt "a bird"
+    python inference.py --ckpt runs/x/checkpoints/last.ckpt --hint edges.png --prompt "a bird"
+    python inference.py --ckpt control_only.safetensors --sd-ckpt v1-5-pruned.ckpt --image photo.jpg
+
+Defaults are those of the original's canny app (gradio_canny2image.py). Writes each sample, the control
+image and a grid (control first) as PNG under --output. The notebook calls `main([...])`, or
+`load_for_inference` + `generate` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds
+from annotator.image_io import UnreadableImageError, read_image_rgb
+from annotator.util import SIZE_MULTIPLE
+from cldm.hint import control_from_map, control_from_photo, hint_tensor
+from cldm.inference_loading import load_for_inference
+from ldm.checkpoint import CheckpointError
+from ldm.models.diffusion.ddim import DDIMSampler
+
+A_PROMPT = "best quality, extremely detailed"
+N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+            "worst quality, low quality")
+NUM_SAMPLES = 1
+RESOLUTION = 512
+STEPS = 20
+STRENGTH = 1.0
+SCALE = 9.0
+ETA = 0.0
+RANDOM_SEED = -1
+MAX_RANDOM_SEED = 65535  # the original draws random.randint(0, 65535)
+# Guess mode: residual i of n gets strength * GUESS_MODE_DECAY ** (n - 1 - i), so shallow blocks are
+# damped most and the middle block gets full strength (the original's 0.825 ** (12 - i) for SD's 13).
+GUESS_MODE_DECAY = 0.825
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRID_COLUMNS = 4
+
+
+def control_scales(num_controls: int, strength: float, guess_mode: bool) -> list[float]:
+    """Per-residual control scales (the ControlNet's outputs in order, the middle block last)."""
+    if not guess_mode:
+        return [strength] * num_controls
+    return [strength * GUESS_MODE_DECAY ** (num_controls - 1 - i) for i in range(num_controls)]
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 -> a random seed in [0, 65535] as the original; any other value unchanged."""
+    return random.randint(0, MAX_RANDOM_SEED) if seed == RANDOM_SEED else seed
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _latent_downsampling(model: torch.nn.Module) -> int:
+    """How much the VAE shrinks an image side (8 for SD): one halving per encoder level after the first."""
+    return 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, control: np.ndarray, prompt: str, *, a_prompt: str = A_PROMPT,
+             n_prompt: str = N_PROMPT, num_samples: int = NUM_SAMPLES, steps: int = STEPS,
+             guess_mode: bool = False, strength: float = STRENGTH, scale: float = SCALE, seed: int = RANDOM_SEED,
+             eta: float = ETA, precision: str = "fp32", progress: bool = True) -> list[Image.Image]:
+    """Sample `num_samples` images guided by a control image, as the original canny app does.
+
+    model: a ControlLDM (e.g. from `load_for_inference`), on any device. control: HWC uint8 RGB, sides
+    multiples of 64 (see cldm.hint); the samples have its size. The prompt is "prompt, a_prompt"; n_prompt
+    is the unconditional (negative) prompt, weighted by the guidance `scale`. guess_mode: damp the
+    shallow control residuals and drop the control from the unconditional branch, so the model guesses
+    the content from the control alone. seed: -1 for random. precision: "fp32", or autocast "fp16"/"bf16".
+    Returns RGB PIL images.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    device = _device_of(model)
+    hint = hint_tensor(control, num_samples, device)
+    height, width = control.shape[:2]
+    factor = _latent_downsampling(model)
+    shape = (model.latent_channels, height // factor, width // factor)
+    generator = torch.Generator(device).manual_seed(resolve_seed(seed))
+    full_prompt = f"{prompt}, {a_prompt}" if a_prompt else prompt
+    saved_scales = model.control_scales
+    model.control_scales = control_scales(model.control_model.num_controls, strength, guess_mode)
+    try:
+        with torch.autocast(device.type, dtype=PRECISIONS[precision] or torch.float32,
+                            enabled=PRECISIONS[precision] is not None):
+            cond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning([full_prompt] * num_samples)]}
+            uncond = {"c_concat": None if guess_mode else [hint],
+                      "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
+            samples, _ = DDIMSampler(model).sample(
+                steps, num_samples, shape, cond, eta=eta, unconditional_guidance_scale=scale,
+                unconditional_conditioning=uncond, verbose=progress, generator=generator)
+            images = model.decode_first_stage(samples)
+    finally:
+        model.control_scales = saved_scales
+    pixels = (images.float() * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def image_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
+    """Images of one size tiled row by row, `columns` per row."""
+    width, height = images[0].size
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate images with a ControlNet (DDIM sampling).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="training checkpoint, full ControlNet checkpoint "
+                        "(.ckpt/.pth/.safetensors), or a control-only file (with --sd-ckpt)")
+    parser.add_argument("--config", default=None, help="model config for full / control-only files "
+                        "(default: models/cldm_v15.yaml; training checkpoints carry their own)")
+    parser.add_argument("--sd-ckpt", default=None, help="Stable Diffusion checkpoint for a control-only --ckpt")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="a photo: its Canny edges are the control")
+    source.add_argument("--hint", help="a ready control image (e.g. an edge map, white edges on black)")
+    parser.add_argument("--prompt", default="", help="what to draw")
+    parser.add_argument("--a-prompt", default=A_PROMPT, help="added to the prompt")
+    parser.add_argument("--n-prompt", default=N_PROMPT, help="negative prompt")
+    parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
+    parser.add_argument("--resolution", type=int, default=RESOLUTION,
+                        help=f"short side of the output, a multiple of {SIZE_MULTIPLE}")
+    parser.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
+    parser.add_argument("--scale", type=float, default=SCALE, help="classifier-free guidance scale")
+    parser.add_argument("--strength", type=float, default=STRENGTH, help="control strength")
+    parser.add_argument("--guess-mode", action="store_true", help="let the model guess the content from the "
+                        "control (use with an empty prompt)")
+    parser.add_argument("--eta", type=float, default=ETA, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--seed", type=int, default=RANDOM_SEED, help="-1 = random")
+    parser.add_argument("--low-threshold", type=int, default=DEFAULT_LOW_THRESHOLD, help="Canny, with --image")
+    parser.add_argument("--high-threshold", type=int, default=DEFAULT_HIGH_THRESHOLD, help="Canny, with --image")
+    parser.add_argument("--output", default="outputs", help="folder for the PNGs")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="fp16/bf16: autocast (faster on a GPU)")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.resolution <= 0 or args.resolution % SIZE_MULTIPLE:
+        parser.error(f"--resolution must be a positive multiple of {SIZE_MULTIPLE}, got {args.resolution}")
+    if args.num_samples < 1:
+        parser.error("--num-samples must be at least 1")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        source = args.image or args.hint
+        pixels = read_image_rgb(source).pixels
+        if args.image:
+            control = control_from_photo(pixels, args.resolution,
+                                         CannyThresholds(args.low_threshold, args.high_threshold))
+        else:
+            control = control_from_map(pixels, args.resolution)
+        model, lines = load_for_inference(args.ckpt, args.config, args.sd_ckpt)
+    except UnreadableImageError as err:
+        print(f"error: {source}: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    model.to(device)
+    seed = resolve_seed(args.seed)
+    print(f"sampling {args.num_samples} x {control.shape[1]}x{control.shape[0]} on {device}, seed {seed}")
+    samples = generate(model, control, args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
+                       num_samples=args.num_samples, steps=args.steps, guess_mode=args.guess_mode,
+                       strength=args.strength, scale=args.scale, seed=seed, eta=args.eta,
+                       precision=args.precision)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    control_image = Image.fromarray(control)
+    control_image.save(output / f"seed{seed}_control.png")
+    for i, sample in enumerate(samples):
+        sample.save(output / f"seed{seed}_sample{i}.png")
+    image_grid([control_image, *samples]).save(output / f"seed{seed}_grid.png")
+    print(f"wrote {len(samples)} samples, the control image and a grid to {output}/seed{seed}_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
