@@ -103,7 +103,7 @@ def open_lazy(path: str | os.PathLike) -> LazyCheckpoint:
 
 
 def _open_safetensors(path: Path) -> LazyCheckpoint:
-    file = open(path, "rb")  # noqa: SIM115 - closed by LazyCheckpoint.close
+    file = open(path, "rb")  # closed by LazyCheckpoint.close
     try:
         header, data_start = _read_safetensors_header(file, path)
     except Exception:
