@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,15 @@ def load_config(config_path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def create_model(config_path: str | os.PathLike, attention: AttentionKind | None = None,
-                 use_checkpoint: bool | None = None) -> torch.nn.Module:
-    """Build the model a config describes (on CPU, fp32), e.g. `create_model("models/cldm_v15.yaml")`.
+def build_model(model_config: dict[str, Any], attention: AttentionKind | None = None,
+                use_checkpoint: bool | None = None) -> torch.nn.Module:
+    """Build a model from a config's `model` section (a dict with `target` and `params`).
 
     attention: "sdpa" | "sliced" | "math" for every attention layer of the UNet and ControlNet (default:
     what the config says, else "sdpa"). use_checkpoint: gradient checkpointing on/off (default: the
     config's value). To build without allocating memory, call it under `with torch.device("meta"):`.
     """
-    model_config = load_config(config_path)["model"]
+    model_config = copy.deepcopy(to_plain(model_config))
     params = model_config.setdefault("params", {})
     for name in _DENOISER_CONFIGS:
         if name not in params:
@@ -47,6 +48,15 @@ def create_model(config_path: str | os.PathLike, attention: AttentionKind | None
         if use_checkpoint is not None:
             sub["use_checkpoint"] = use_checkpoint
     return instantiate_from_config(model_config)
+
+
+def create_model(config_path: str | os.PathLike, attention: AttentionKind | None = None,
+                 use_checkpoint: bool | None = None) -> torch.nn.Module:
+    """Build the model a YAML config describes (on CPU, fp32), e.g. `create_model("models/cldm_v15.yaml")`.
+
+    See `build_model` for the options.
+    """
+    return build_model(load_config(config_path)["model"], attention, use_checkpoint)
 
 
 def load_state_dict(ckpt_path: str | os.PathLike, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
