@@ -74,6 +74,33 @@ def _check_lengths(prompt_ids: Sequence[int], max_length: int) -> None:
         raise ValueError(f"max_length {max_length} leaves no room after the {len(prompt_ids)} prompt ids")
 
 
+def _next_beams(
+    finished: _FinishedHypotheses,
+    candidates: list[tuple[int, int, float]],
+    sequences: list[list[int]],
+    num_beams: int,
+    eos_token_id: int,
+    cur_len: int,
+) -> list[tuple[int, int, float]] | None:
+    """One image's step of 4.15's `BeamSearchScorer.process`.
+
+    candidates: its top 2*num_beams (source row, token, sum of log-probs), best first.
+    Eos candidates ranked within num_beams become finished hypotheses; the first num_beams other candidates
+    are returned as the next beams, or None when the image is done.
+    """
+    next_beams = []
+    for rank, (row, token, score) in enumerate(candidates):
+        if token == eos_token_id:
+            if rank < num_beams:
+                finished.add(sequences[row], score)
+        else:
+            next_beams.append((row, token, score))
+        if len(next_beams) == num_beams:
+            break
+    best_score = max(score for _, _, score in candidates)
+    return None if finished.is_done(best_score, cur_len) else next_beams
+
+
 def beam_search(
     decoder: IncrementalDecoder,
     prompt_ids: Sequence[int],
@@ -114,33 +141,22 @@ def beam_search(
         top_tokens = (top_indices % vocab_size).tolist()
         sequences_list = sequences.tolist()
 
-        next_rows: list[int] = []
-        next_tokens: list[int] = []
-        next_scores: list[float] = []
+        next_beams: list[tuple[int, int, float]] = []  # (source row, token, score) per new row
         still_running: list[int] = []
         for slot, image in enumerate(running):
-            chosen = 0
-            for rank in range(2 * num_beams):
-                row = slot * num_beams + top_beams[slot][rank]
-                token, score = top_tokens[slot][rank], top_scores_list[slot][rank]
-                if token == eos_token_id:
-                    if rank < num_beams:
-                        finished[image].add(sequences_list[row], score)
-                else:
-                    next_rows.append(row)
-                    next_tokens.append(token)
-                    next_scores.append(score)
-                    chosen += 1
-                if chosen == num_beams:
-                    break
-            if finished[image].is_done(max(top_scores_list[slot]), cur_len):
-                del next_rows[-num_beams:], next_tokens[-num_beams:], next_scores[-num_beams:]
-            else:
+            candidates_of_image = [
+                (slot * num_beams + beam, token, score)
+                for beam, token, score in zip(top_beams[slot], top_tokens[slot], top_scores_list[slot], strict=True)
+            ]
+            beams = _next_beams(finished[image], candidates_of_image, sequences_list, num_beams, eos_token_id, cur_len)
+            if beams is not None:
+                next_beams += beams
                 still_running.append(image)
 
         running = still_running
         if not running:
             break
+        next_rows, next_tokens, next_scores = zip(*next_beams, strict=True)
         rows = torch.tensor(next_rows, device=device)
         tokens = torch.tensor(next_tokens, device=device)
         sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
