@@ -1,0 +1,192 @@
+"""Checkpoints a run can always resume from, also when it is interrupted.
+
+- every N optimizer steps `step-00001000.ckpt`, keeping the newest K, and `last.ckpt` (a hard link to the
+  newest, or a copy where the file system has no links);
+- Ctrl-C (SIGINT), SIGTERM (what Colab sends on disconnect) or the time limit stop the run after the
+  current optimizer step, and the end of training writes `last.ckpt`;
+- files are written under a temporary name and renamed, so a kill while saving leaves the previous file;
+- an exception (e.g. a NaN loss) saves nothing, so the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+LAST = "last.ckpt"
+STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def step_checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches every process of the terminal's group; the workers
+    ignore it so that the main process can finish its step and save instead of losing its data feed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Rename source over target (a file, or a directory as DeepSpeed writes)."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    temporary = target.with_name(target.name + ".tmp")
+    _remove(temporary)
+    if source.is_dir():
+        shutil.copytree(source, temporary)
+    else:
+        try:
+            os.link(source, temporary)
+        except OSError:  # no hard links here (e.g. some network or FUSE drives)
+            shutil.copy2(source, temporary)
+    _replace(temporary, target)
+
+
+class ResumableCheckpoint(Checkpoint):
+    """Periodic, rotated and interrupt-safe checkpoints in `dirpath` (see the module doc).
+
+    every_n_steps: optimizer steps between checkpoints. keep: how many step checkpoints to keep (the
+    newest; 0 keeps only last.ckpt). max_time: wall-clock training time of this invocation after which
+    the run stops with last.ckpt (a resumed run gets the full time again). After fit, `stop_reason` says
+    why the run ended early ("SIGINT", "SIGTERM", "time limit") or is None.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 1000, keep: int = 2,
+                 max_time: timedelta | None = None):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        if keep < 0:
+            raise ValueError(f"keep must be 0 or more, got {keep}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.keep = keep
+        self.max_time = max_time
+        self.stop_reason: str | None = None
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._start_time = 0.0
+        self._last_global_step = -1
+        self._saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / LAST
+
+    # ---- signals ------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop at once, without a checkpoint
+        self._signal = signum
+        rank_zero_info(f"\nReceived {signal.Signals(signum).name}: stopping after this step with a resumable "
+                       f"checkpoint ({self.last_path}). Send it again to abort without saving.")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            rank_zero_warn("training is not in the main thread: Ctrl-C / SIGTERM will not save a checkpoint")
+            return
+        for signum in STOP_SIGNALS:
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_time = time.monotonic()
+        self._last_global_step = self._saved_step = trainer.global_step
+        self._signal = None
+        self.stop_reason = None
+        self._install_signal_handlers()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_global_step:  # inside a gradient accumulation: no optimizer step yet
+            return
+        self._last_global_step = step
+        if step % self.every_n_steps == 0:
+            self._save_step(trainer, step)
+        reason = None
+        if self._signal is not None:
+            reason = signal.Signals(self._signal).name
+        elif self.max_time is not None and time.monotonic() - self._start_time >= self.max_time.total_seconds():
+            reason = "time limit"
+        # Every rank must stop at the same step (a signal may reach only one of them).
+        stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
+        if stop:
+            self.stop_reason = reason or "another rank's request"
+            trainer.should_stop = True
+        # The last checkpoint is written here, inside the epoch, rather than after the loop: Lightning
+        # counts an epoch left early as finished, and a resumed run would number its epochs one higher.
+        if stop or step == trainer.max_steps:
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_signal_handlers()
+        self._save_last(trainer)  # e.g. after the last epoch
+        rank_zero_info(f"resumable checkpoint at step {trainer.global_step}: {self.last_path}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_signal_handlers()
+
+    # ---- files --------------------------------------------------------------------------------------
+    def _save(self, trainer: L.Trainer, path: Path) -> None:
+        """Write a checkpoint to path.tmp and rename it (all ranks take part; rank 0 touches files)."""
+        temporary = path.with_name(path.name + ".tmp")
+        trainer.save_checkpoint(temporary, weights_only=False)  # with the optimizer state
+        if trainer.is_global_zero:
+            _replace(temporary, path)
+        trainer.strategy.barrier("checkpoint renamed")
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            self._save(trainer, self.last_path)
+            self._saved_step = trainer.global_step
+
+    def _save_step(self, trainer: L.Trainer, step: int) -> None:
+        self._saved_step = step
+        if self.keep == 0:
+            self._save(trainer, self.last_path)
+            return
+        path = self.dirpath / step_checkpoint_name(step)
+        self._save(trainer, path)
+        if trainer.is_global_zero:
+            _link_or_copy(path, self.last_path)
+            self._rotate()
+        trainer.strategy.barrier("checkpoints rotated")
+
+    def _rotate(self) -> None:
+        steps = sorted((int(match.group(1)), path) for path in self.dirpath.iterdir()
+                       if (match := STEP_PATTERN.fullmatch(path.name)))
+        for _, path in steps[: max(len(steps) - self.keep, 0)]:
+            _remove(path)

@@ -1,0 +1,214 @@
+"""The ControlNet training system (Zhang et al. 2023, section 3.3) as a Lightning module.
+
+The networks stay plain `nn.Module`s (`cldm.cldm.ControlLDM`); this module only decides what trains,
+turns a batch into the loss and says how to save. Checkpoint contract (read by inference.py):
+
+- `state_dict()` is exactly the ControlLDM state dict in the original layout (`control_model.*`,
+  `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, schedule buffers), no prefix;
+- `hyper_parameters` holds `model_config` (the config's `model` section as plain dicts, with the chosen
+  attention / gradient checkpointing / only_mid_control applied) and the training options, all plain
+  Python values, so the file loads with `torch.load(weights_only=True)` and rebuilds the model alone.
+
+Randomness (noise, timesteps, VAE posterior sample, prompt dropout) comes from a generator seeded by
+(seed, global step, batch index, rank), never from a global stream, so a resumed run draws what an
+uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from cldm.model import load_config
+from cldm.resumable_data import derived_seed
+from ldm.checkpoint import load_weights
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.attention import AttentionKind, check_attention_kind
+from ldm.util import instantiate_from_config
+
+# The denoiser configs whose attention kind and gradient checkpointing the CLI may override.
+_DENOISER_CONFIGS = ("unet_config", "control_stage_config")
+# Values allowed in hyper_parameters: what torch.load(weights_only=True) reads back.
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops without saving over the last checkpoint."""
+
+
+def training_model_config(config_path: str | os.PathLike, attention: AttentionKind | None = None,
+                          gradient_checkpointing: bool | None = None,
+                          only_mid_control: bool | None = None) -> dict[str, Any]:
+    """The config's `model` section as plain dicts, with the run's choices written in (None keeps the
+    config's value), so that the checkpoint alone rebuilds the same model."""
+    model_config = load_config(config_path)["model"]
+    params = model_config.setdefault("params", {})
+    for name in _DENOISER_CONFIGS:
+        if name not in params:
+            continue
+        sub = params[name].setdefault("params", {})
+        if attention is not None:
+            sub["attention"] = check_attention_kind(attention)
+        if gradient_checkpointing is not None:
+            sub["use_checkpoint"] = gradient_checkpointing
+    if only_mid_control is not None:
+        params["only_mid_control"] = only_mid_control
+    return model_config
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is not a string")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN_TYPES):
+        raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold only plain values (str, int, "
+                        f"float, bool, None, lists, dicts)")
+
+
+class ControlNetTrainer(L.LightningModule):
+    """Trains the ControlNet of a ControlLDM built from `model_config` (see `training_model_config`).
+
+    learning_rate: AdamW's, as the original (1e-5). sd_locked: False also trains the UNet decoder
+    (`output_blocks`, `out`). prompt_dropout: probability of replacing a prompt by "" (the paper: 0.5).
+    seed: of the per-step generators. training_options: plain values recorded in the checkpoint only.
+    The weights are random until loaded: `load_weights(trainer.model, state_dict)` or a `ckpt_path`.
+    """
+
+    def __init__(self, model_config: Mapping[str, Any], learning_rate: float = 1e-5, sd_locked: bool = True,
+                 prompt_dropout: float = 0.0, seed: int = 0, **training_options: Any):
+        super().__init__()
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        model_config = copy.deepcopy(dict(model_config))
+        _check_plain(model_config, "model_config")
+        _check_plain(training_options, "training_options")
+        self.save_hyperparameters()
+        self.learning_rate = learning_rate
+        self.sd_locked = sd_locked
+        self.prompt_dropout = prompt_dropout
+        self.seed = seed
+        self.model = instantiate_from_config(model_config)
+        self.model.requires_grad_(False)
+        for module in self.trainable_modules():
+            module.requires_grad_(True)
+        self.train()
+
+    # ---- what trains ------------------------------------------------------------------------------
+    def trainable_modules(self) -> list[nn.Module]:
+        """The ControlNet, plus the UNet decoder when not sd_locked (the original's choice of params)."""
+        modules: list[nn.Module] = [self.model.control_model]
+        if not self.sd_locked:
+            unet = self.model.model.diffusion_model
+            modules += [unet.output_blocks, unet.out]
+        return modules
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.trainable_modules():
+            yield from module.parameters()
+
+    def train(self, mode: bool = True) -> ControlNetTrainer:
+        """Train mode for what trains; the VAE, the text encoder and a locked UNet stay in eval."""
+        super().train(mode)
+        if self.sd_locked:
+            self.model.model.diffusion_model.eval()
+        return self
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(list(self.trainable_parameters()), lr=self.learning_rate)
+
+    # ---- checkpoint contract ----------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The ControlLDM's state dict (original key layout, no prefix)."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a ControlLDM state dict; strict loading explains a mismatch (keys, shapes, likely cause)."""
+        if strict:
+            return load_weights(self.model, state_dict, source="checkpoint")
+        return self.model.load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint with NaN weights must never replace a good one.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.trainable_parameters())
+        if not finite:
+            raise NonFiniteLossError(f"refusing to save a checkpoint at step {self.global_step}: the trainable "
+                                     f"weights contain NaN or inf")
+
+    # ---- batch -> loss ------------------------------------------------------------------------------
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator of one training batch, a function of (seed, global step, batch_idx, rank) only:
+        these identify a batch also across gradient accumulation and a resume."""
+        seed = derived_seed(self.seed, self.global_step, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def conditioning(self, batch: Mapping[str, Any], prompts: list[str]) -> dict[str, list[torch.Tensor]]:
+        """{"c_crossattn": [context (B, 77, D)], "c_concat": [hint (B, 3, H, W) in [0, 1]]}."""
+        return {"c_crossattn": [self.model.get_learned_conditioning(prompts)],
+                "c_concat": [self._channels_first(batch["hint"])]}
+
+    def _channels_first(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) as the dataset gives them -> (B, 3, H, W) float on this module's device."""
+        return images.to(self.device).permute(0, 3, 1, 2).float()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """batch: jpg (B, H, W, 3) in [-1, 1], txt list of B prompts, hint (B, H, W, 3) in [0, 1]."""
+        generator = self.step_generator(batch_idx)
+        target = self._channels_first(batch["jpg"])
+        with torch.no_grad():
+            z0 = self.model.get_first_stage_encoding(self.model.encode_first_stage(target), generator=generator)
+        batch_size = z0.shape[0]
+        dropped = torch.rand(batch_size, generator=generator, device=self.device) < self.prompt_dropout
+        prompts = ["" if drop else prompt for prompt, drop in zip(batch["txt"], dropped.tolist(), strict=True)]
+        cond = self.conditioning(batch, prompts)
+        t = torch.randint(0, self.model.num_timesteps, (batch_size,), generator=generator, device=self.device)
+        noise = torch.randn(z0.shape, generator=generator, device=self.device, dtype=z0.dtype)
+        loss, logs = self.model.p_losses(z0, cond, t, noise=noise)
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} in training step {self.global_step + 1} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); stopped without saving, so the last checkpoint (step {self.global_step} or "
+                f"before) is intact. Try a lower --lr, --precision 32 or bf16-mixed instead of 16-mixed, or check "
+                f"the data.")
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    # ---- images for the log -------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], max_images: int = 4, ddim_steps: int = 50,
+                   guidance_scale: float = 9.0, eta: float = 0.0,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Images of the first `max_images` pairs, each (N, 3, H, W) in [0, 1]: "reconstruction" (the
+        target through the VAE), "control" (the hint) and "samples" (DDIM with classifier-free guidance
+        against the "" prompt, the same hint in both branches, as the original's log)."""
+        n = min(max_images, len(batch["txt"]))
+        batch = {key: value[:n] for key, value in batch.items()}
+        target = self._channels_first(batch["jpg"])
+        z0 = self.model.get_first_stage_encoding(self.model.encode_first_stage(target).mode())
+        cond = self.conditioning(batch, list(batch["txt"]))
+        uncond = {"c_crossattn": [self.model.get_learned_conditioning([""] * n)], "c_concat": cond["c_concat"]}
+        sampler = DDIMSampler(self.model)
+        samples, _ = sampler.sample(ddim_steps, n, tuple(z0.shape[1:]), cond, eta=eta,
+                                    unconditional_guidance_scale=guidance_scale,
+                                    unconditional_conditioning=uncond, verbose=False, generator=generator)
+
+        def to_unit(images: torch.Tensor) -> torch.Tensor:
+            return ((images.float() + 1) / 2).clamp(0, 1)
+
+        return {"reconstruction": to_unit(self.model.decode_first_stage(z0)),
+                "control": cond["c_concat"][0].float().clamp(0, 1),
+                "samples": to_unit(self.model.decode_first_stage(samples))}

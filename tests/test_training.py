@@ -1,0 +1,387 @@
+"""training.py and the Lightning training system on the tiny model (CPU): what trains, that it learns, that
+an interrupted run resumes exactly, that a NaN loss keeps the last good checkpoint, and the checkpoint
+contract with inference.py."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import default_collate
+
+import training
+from cldm import checkpointing
+from cldm.checkpointing import LAST
+from cldm.logger import ImageLogger
+from cldm.resumable_data import EpochOrder, ResumableDataLoader
+from cldm.training import ControlNetTrainer, training_model_config
+from dataset import ControlDataset
+from ldm.checkpoint import load_weights, read_state_dict
+from ldm.util import instantiate_from_config
+from tests.reference import TINY, TINY_CONFIG, tiny_vectors, tiny_weights
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 64  # the tiny VAE: 64 px -> 8x8 latents
+TINY_LR = "3e-3"  # the tiny model learns visibly in a few steps only with a larger rate than SD's 1e-5
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+def tool_add_control_init() -> dict[str, torch.Tensor]:
+    """What tool_add_control.py makes of the tiny SD: control_model.* copied from the UNet encoder,
+    the hint block and zero convs new (tests/data/reference/tiny/README.md)."""
+    weights = tiny_weights()
+    new = load_file(str(TINY / "tool_add_control_init.safetensors"))
+    sources = json.loads((TINY / "tool_add_control_map.json").read_text())
+    init = {key: value for key, value in weights.items() if not key.startswith("control_model.")}
+    for key, source in sources.items():
+        init[key] = new[key] if source == "new" else weights[source].clone()
+    return init
+
+
+@pytest.fixture(scope="module")
+def init_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("init") / "control_tiny_ini.safetensors"
+    save_file(tool_add_control_init(), str(path))
+    return path
+
+
+def make_dataset(root: Path, pairs: int, seed: int = 0) -> Path:
+    """A dataset folder of random 64x64 pairs in the prompt.json format."""
+    rng = np.random.default_rng(seed)
+    (root / "source").mkdir(parents=True)
+    (root / "target").mkdir()
+    lines = []
+    for i in range(pairs):
+        for folder in ("source", "target"):
+            pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"pair {i}"}))
+    (root / "prompt.json").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def four_pairs(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("four_pairs"), 4)
+
+
+def train_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), "--init", str(init), "--data", str(data), "--output-dir", str(output),
+            "--resolution", str(IMAGE_SIZE), "--accelerator", "cpu", "--devices", "1", "--log-every-n-steps", "1",
+            "--logger-freq", "1000", "--checkpoint-every", "1000", "--prompt-dropout", "0.5", "--lr", TINY_LR,
+            *extra]
+
+
+def logged_losses(output: Path) -> dict[int, float]:
+    """{step: train/loss_simple} from every invocation's metrics.csv of a run."""
+    losses = {}
+    for path in sorted((output / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(path) as rows:
+            for row in csv.DictReader(rows):
+                if row.get("train/loss_simple"):
+                    losses[int(row["step"])] = float(row["train/loss_simple"])
+    return losses
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class AtStep(L.Callback):
+    """Runs `action(trainer, module)` once, in `hook`, when the global step equals `step`."""
+
+    def __init__(self, step: int, action, hook: str = "on_train_batch_end"):
+        self.step, self.action, self.done = step, action, False
+        setattr(self, hook, self._maybe_act)
+
+    def _maybe_act(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            self.action(trainer, pl_module)
+
+
+def send(signum: int):
+    return lambda trainer, module: signal.raise_signal(signum)
+
+
+# ---- the model at initialisation and what trains ----------------------------------------------------
+@torch.no_grad()
+def test_control_changes_nothing_at_init():
+    """Zero convs at zero: the ControlLDM's eps equals the plain UNet's, bit for bit."""
+    ref = tiny_vectors()
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG))
+    cond = {"c_crossattn": [ref["context"]], "c_concat": [ref["hint"]]}
+    plain = {"c_crossattn": [ref["context"]], "c_concat": None}
+    load_weights(module.model, tool_add_control_init())
+    model = module.model.eval()
+    assert torch.equal(model.apply_model(ref["x_t"], ref["t"], cond), model.apply_model(ref["x_t"], ref["t"], plain))
+    # The comparison can fail: with non-zero zero convs (the reference weights) the control shows.
+    load_weights(model, tiny_weights())
+    assert not torch.allclose(model.apply_model(ref["x_t"], ref["t"], cond),
+                              model.apply_model(ref["x_t"], ref["t"], plain))
+
+
+@pytest.mark.parametrize("sd_locked", [True, False])
+def test_only_the_intended_parameters_train(sd_locked):
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG), sd_locked=sd_locked)
+    load_weights(module.model, tool_add_control_init())
+    trainable_prefixes = ("control_model.",) if sd_locked else (
+        "control_model.", "model.diffusion_model.output_blocks.", "model.diffusion_model.out.")
+    names = {name for name, _ in module.model.named_parameters()}
+    expected = {name for name in names if name.startswith(trainable_prefixes)}
+    assert expected and expected != names
+    assert {name for name, p in module.model.named_parameters() if p.requires_grad} == expected
+
+    optimizer = module.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for name, p in module.model.named_parameters() if name in expected}
+    assert optimizer.defaults["lr"] == pytest.approx(1e-5)
+
+    module.train()
+    model = module.model
+    assert model.control_model.training
+    assert not model.first_stage_model.training and not model.cond_stage_model.training
+    assert model.model.diffusion_model.training is (not sd_locked)
+
+    # One backward pass: gradients reach exactly the trainable parameters.
+    ref = tiny_vectors()
+    cond = {"c_crossattn": [ref["context"]], "c_concat": [ref["hint"]]}
+    loss, _ = model.p_losses(ref["z0"], cond, ref["t"], noise=ref["noise"])
+    loss.backward()
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == expected
+
+
+# ---- learning ---------------------------------------------------------------------------------------
+def fixed_loss(state_dict: dict[str, torch.Tensor], data: Path) -> float:
+    """The loss over the dataset at fixed timesteps and noise: what training on it should lower."""
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG))
+    load_weights(module.model, state_dict)
+    model = module.model.eval()
+    batch = default_collate(list(ControlDataset(data, resolution=IMAGE_SIZE)))
+    losses = []
+    with torch.no_grad():
+        z0 = model.get_first_stage_encoding(model.encode_first_stage(batch["jpg"].permute(0, 3, 1, 2)).mode())
+        cond = module.conditioning(batch, batch["txt"])
+        for i, t in enumerate(range(50, 1000, 100)):
+            noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(i))
+            loss, _ = model.p_losses(z0, cond, torch.full((len(z0),), t), noise=noise)
+            losses.append(float(loss))
+    return sum(losses) / len(losses)
+
+
+def test_thirty_steps_on_one_batch_lower_the_loss(tmp_path, init_path, four_pairs):
+    output = tmp_path / "run"
+    argv = train_args(init_path, four_pairs, output, "--batch-size", "4", "--max-steps", "30",
+                      "--prompt-dropout", "0")
+    assert training.main(argv) == 0
+    before = fixed_loss(load_file(str(init_path)), four_pairs)
+    after = fixed_loss(read_training_checkpoint(output / "checkpoints" / LAST)["state_dict"], four_pairs)
+    assert after < 0.75 * before, (before, after)
+    assert sorted(logged_losses(output)) == list(range(30))
+
+
+# ---- resuming ---------------------------------------------------------------------------------------
+RESUME_STEPS = 6  # four pairs, batch 1: the interruptions fall inside an epoch and the runs cross one
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, init_path, four_pairs) -> Path:
+    output = tmp_path_factory.mktemp("uninterrupted")
+    assert training.main(train_args(init_path, four_pairs, output, "--batch-size", "1",
+                                    "--max-steps", str(RESUME_STEPS))) == 0
+    return output
+
+
+class FakeClock:
+    """Stands in for time.monotonic in cldm.checkpointing: the test decides when time runs out."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("stop_step, how, expected_status", [
+    (2, "sigterm", 128 + signal.SIGTERM),
+    (3, "ctrl-c", 128 + signal.SIGINT),
+    (4, "max-time", 0),
+])
+def test_interrupt_and_resume_last_reproduce_the_uninterrupted_run(
+        tmp_path, monkeypatch, init_path, four_pairs, uninterrupted, stop_step, how, expected_status):
+    output = tmp_path / "run"
+    argv = train_args(init_path, four_pairs, output, "--batch-size", "1", "--max-steps", str(RESUME_STEPS))
+    if how == "max-time":
+        clock = FakeClock()
+        monkeypatch.setattr(checkpointing, "time", clock)
+        stop = AtStep(stop_step, lambda trainer, module: setattr(clock, "now", clock.now + 2 * 3600))
+        first_run = training.main(argv + ["--max-time", "1 hour"], callbacks=[stop])
+        monkeypatch.undo()
+    else:
+        stop = AtStep(stop_step, send(signal.SIGTERM if how == "sigterm" else signal.SIGINT))
+        first_run = training.main(argv, callbacks=[stop])
+    assert first_run == expected_status
+    last = output / "checkpoints" / LAST
+    assert read_training_checkpoint(last)["global_step"] == stop_step
+    assert training.main(argv + ["--resume", "last"]) == 0
+
+    expected = logged_losses(uninterrupted)
+    assert sorted(expected) == list(range(RESUME_STEPS))
+    assert logged_losses(output) == expected  # exactly, step by step
+    final, reference = (read_training_checkpoint(run / "checkpoints" / LAST) for run in (output, uninterrupted))
+    assert final["global_step"] == RESUME_STEPS
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
+
+
+def test_checkpoint_follows_the_contract(uninterrupted):
+    """Plain values only (torch.load weights_only), the ControlLDM's keys, and enough to rebuild it."""
+    path = uninterrupted / "checkpoints" / LAST
+    checkpoint = read_training_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["model_config"] == training_model_config(TINY_CONFIG)
+    assert hparams["sd_locked"] is True and hparams["learning_rate"] == pytest.approx(float(TINY_LR))
+    assert hparams["batch_size"] == 1 and hparams["resolution"] == IMAGE_SIZE
+    model = instantiate_from_config(hparams["model_config"])
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())
+    load_weights(model, read_state_dict(path))  # strict; also how --init reads a training checkpoint
+    # The optimizer holds state for the ControlNet's parameters only.
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    assert len(optimizer_state["state"]) == len(list(model.control_model.parameters()))
+
+
+def test_ctrl_c_keeps_the_newest_step_checkpoints(tmp_path, init_path, four_pairs):
+    output = tmp_path / "run"
+    argv = train_args(init_path, four_pairs, output, "--batch-size", "2", "--max-steps", "20",
+                      "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    assert training.main(argv, callbacks=[AtStep(3, send(signal.SIGINT))]) == 128 + signal.SIGINT
+    checkpoints = output / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        LAST, "step-00000002.ckpt", "step-00000003.ckpt"]
+    assert read_training_checkpoint(checkpoints / LAST)["global_step"] == 3
+    # A new run refuses to mix with the old one's checkpoints.
+    assert training.main(argv) == 1
+
+
+# ---- a NaN loss -------------------------------------------------------------------------------------
+def poison(trainer, module):
+    with torch.no_grad():
+        next(module.model.control_model.parameters()).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("hook, message", [
+    # NaN weights before the forward pass: the loss of step 3 is NaN.
+    ("on_train_batch_start", "the loss is nan in training step 3"),
+    # NaN weights right after step 2, before its checkpoint: that checkpoint is refused.
+    ("on_train_batch_end", "refusing to save a checkpoint at step 2"),
+])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, init_path, four_pairs, capsys,
+                                                                  hook, message):
+    output = tmp_path / "run"
+    argv = train_args(init_path, four_pairs, output, "--batch-size", "2", "--max-steps", "10",
+                      "--checkpoint-every", "1", "--keep-checkpoints", "5")
+    assert training.main(argv, callbacks=[AtStep(2, poison, hook)]) == 1
+    assert message in capsys.readouterr().err
+    checkpoints = output / "checkpoints"
+    last = read_training_checkpoint(checkpoints / LAST)
+    good_step = 2 if hook == "on_train_batch_start" else 1
+    assert last["global_step"] == good_step
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        LAST, *(f"step-{step:08d}.ckpt" for step in range(1, good_step + 1))]
+    assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
+
+
+# ---- the data order ---------------------------------------------------------------------------------
+def test_epoch_order_is_a_seeded_permutation_split_across_ranks():
+    orders = [list(EpochOrder(10, batch_size=2, seed=3, rank=rank, world_size=2)) for rank in range(2)]
+    assert all(len(order) == 4 for order in orders)  # 10 // 2 ranks = 5 -> 2 full batches of 2 each
+    assert not set(orders[0]) & set(orders[1])
+    assert orders[0] == list(EpochOrder(10, batch_size=2, seed=3, rank=0, world_size=2))
+    shifted = EpochOrder(10, batch_size=2, seed=3, rank=0, world_size=2)
+    shifted.epoch = 1
+    assert list(shifted) != orders[0]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochOrder(3, batch_size=4, seed=0)
+
+
+def test_loader_resumes_at_the_next_batch():
+    dataset = list(range(7))
+    uninterrupted = ResumableDataLoader(dataset, batch_size=2, seed=1)
+    expected = [batch.tolist() for _ in range(3) for batch in uninterrupted]  # 3 epochs of 3 batches
+
+    first = ResumableDataLoader(dataset, batch_size=2, seed=1)
+    seen = [batch.tolist() for batch in first]
+    seen += [batch.tolist() for batch in islice(first, 2)]  # stop inside epoch 1
+    second = ResumableDataLoader(dataset, batch_size=2, seed=1)
+    second.load_state_dict(first.state_dict())
+    seen += [batch.tolist() for _ in range(2) for batch in second]
+    assert seen == expected
+
+
+# ---- the command line -------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("01:02:03:04", timedelta(days=1, hours=2, minutes=3, seconds=4)),
+    ("1 day", timedelta(days=1)),
+    ("11h 30m", timedelta(hours=11, minutes=30)),
+    ("90 minutes", timedelta(minutes=90)),
+])
+def test_max_time_formats(text, expected):
+    assert training.parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["tomorrow", "1 fortnight", "1:2:3", "0 days"])
+def test_max_time_rejects_nonsense(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        training.parse_duration(text)
+
+
+def test_image_logger_writes_a_grid_and_restores_train_mode(tmp_path):
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG))
+    load_weights(module.model, tool_add_control_init())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    ref = tiny_vectors()
+    batch = {"jpg": ref["x"].permute(0, 2, 3, 1), "hint": ref["hint"].permute(0, 2, 3, 1), "txt": ["a cat", "a bird"]}
+    ImageLogger(tmp_path, every_n_steps=5, ddim_steps=2).log_grid(trainer, module, batch, step=5)
+    with Image.open(tmp_path / "step-00000005.png") as grid:
+        assert grid.size == (2 + 2 * (IMAGE_SIZE + 2), 2 + 3 * (IMAGE_SIZE + 2))  # 2 pairs x 3 rows
+    assert "0: a cat" in (tmp_path / "step-00000005.txt").read_text()
+    assert module.training and module.model.control_model.training
+    assert not module.model.first_stage_model.training and not module.model.model.diffusion_model.training
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "training.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help():
+    result = run_script("--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--init", "--resume", "--max-time", "--prompt-dropout", "--sd-locked", "--strategy"):
+        assert flag in result.stdout
+
+
+def test_training_script_smoke(tmp_path, init_path, four_pairs):
+    """training.py as a user runs it: checkpoints, a sample grid and the CSV log appear."""
+    output = tmp_path / "run"
+    result = run_script(*train_args(init_path, four_pairs, output, "--batch-size", "2", "--max-steps", "2",
+                                    "--logger-freq", "2", "--sample-ddim-steps", "2", "--checkpoint-every", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output / "checkpoints" / LAST).is_file() and (output / "checkpoints" / "step-00000002.ckpt").is_file()
+    assert (output / "samples" / "step-00000002.png").is_file()
+    assert sorted(logged_losses(output)) == [0, 1]
+    assert list((output / "logs" / "tensorboard").glob("version_0/events.out.tfevents.*"))
+    assert "loss=" in result.stdout  # the progress bar shows the loss

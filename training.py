@@ -1,0 +1,264 @@
+"""Train a ControlNet on a dataset folder (prompt.json + source/ + target/), as the original's
+tutorial_train.py, with every option a flag.
+
+    python tool_add_control.py v1-5-pruned.ckpt control_sd15_ini.ckpt
+    python training.py --init control_sd15_ini.ckpt --data training/fill50k --output-dir runs/fill50k
+    python training.py ... --resume last          # continue after Ctrl-C, SIGTERM or --max-time
+
+OUTPUT_DIR/checkpoints  step-XXXXXXXX.ckpt (every --checkpoint-every steps, the newest --keep-checkpoints)
+                        and last.ckpt (also written when the run stops); inference.py reads them alone.
+OUTPUT_DIR/samples      step-XXXXXXXX.png image grids (reconstruction, control, DDIM samples) + prompts
+OUTPUT_DIR/logs         csv/version_N/metrics.csv and tensorboard/version_N (one version per invocation)
+
+Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; the last
+good checkpoint stays), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import warnings
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from cldm.checkpointing import LAST, ResumableCheckpoint, ignore_interrupts_in_worker
+from cldm.logger import ImageLogger
+from cldm.resumable_data import ResumableDataModule
+from cldm.training import ControlNetTrainer, NonFiniteLossError, training_model_config
+from dataset import ControlDataset
+from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.modules.attention import ATTENTION_KINDS
+
+# Defaults of the original (tutorial_train.py, docs/train.md) unless noted.
+DEFAULT_CONFIG = "models/cldm_v15.yaml"
+# The original's tutorial uses 4 (on a 40 GB GPU). For 16 GB at 512 px, fp32, with the config's gradient
+# checkpointing: ~10 GB of weights, gradients and AdamW state (1.43 B parameters, 361 M of them trained)
+# leave room for the activations of about 4 (an estimate; no GPU measured it here). The seed used 11 on a
+# larger GPU; for a larger effective batch keep 4 and raise --accumulate-grad-batches.
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_LR = 1e-5
+DEFAULT_RESOLUTION = 512
+DEFAULT_LOGGER_FREQ = 300
+DEFAULT_CHECKPOINT_EVERY = 1000
+DEFAULT_KEEP_CHECKPOINTS = 2
+# The paper (section 3.3) replaces 50% of the prompts by "" so that the ControlNet learns the control
+# image's meaning by itself (needed for guess mode and for strong guidance); 0 is the original tutorial.
+DEFAULT_PROMPT_DROPOUT = 0.5
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# What the logged samples use (the original's log_images: DDIM 50 steps, guidance 9, "" uncond).
+DEFAULT_SAMPLE_DDIM_STEPS = 50
+SAMPLE_GUIDANCE = 9.0
+SAMPLE_IMAGES = 4
+TIME_UNITS = {"d": "days", "day": "days", "days": "days", "h": "hours", "hour": "hours", "hours": "hours",
+              "m": "minutes", "min": "minutes", "minute": "minutes", "minutes": "minutes",
+              "s": "seconds", "sec": "seconds", "second": "seconds", "seconds": "seconds"}
+SIGNAL_EXIT_BASE = 128
+
+
+def parse_duration(text: str) -> timedelta:
+    """"DD:HH:MM:SS" (Lightning's max_time string) or amounts with units: "1 day", "12h", "1d 6h 30m"."""
+    parts = text.strip().split(":")
+    if len(parts) == 4 and all(part.strip().isdigit() for part in parts):
+        days, hours, minutes, seconds = (int(part) for part in parts)
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    amounts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]+)", text)
+    rest = re.sub(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]+)|[\s,]|and", "", text)
+    if not amounts or rest or any(unit.lower() not in TIME_UNITS for _, unit in amounts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use DD:HH:MM:SS or e.g. '1 day', '11h 30m'")
+    duration = timedelta()
+    for amount, unit in amounts:
+        duration += timedelta(**{TIME_UNITS[unit.lower()]: float(amount)})
+    if duration <= timedelta():
+        raise argparse.ArgumentTypeError(f"{text!r}: the time limit must be positive")
+    return duration
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a ControlNet (Lightning) on a prompt.json dataset folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--config", default=DEFAULT_CONFIG, help="model config (cldm_v15.yaml / cldm_v21.yaml)")
+    model.add_argument("--init", help="initial weights: the tool_add_control.py output or a training "
+                                      "checkpoint (required unless --resume)")
+    model.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep the SD UNet locked; --no-sd-locked also trains its decoder (output blocks)")
+    model.add_argument("--only-mid-control", action=argparse.BooleanOptionalAction, default=False,
+                       help="add only the middle-block control residual")
+    model.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
+                       help="attention kernel (default: the config's, else sdpa); sliced saves memory")
+    model.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in backward to save memory (default: the config's)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="dataset folder with prompt.json, source/ and target/")
+    data.add_argument("--resolution", type=_positive_int, default=DEFAULT_RESOLUTION,
+                      help="short side scaled to this, then centre-cropped square (multiple of 64)")
+    data.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=False,
+                      help="crop a random window instead of the centre")
+    data.add_argument("--prompt-dropout", type=_probability, default=DEFAULT_PROMPT_DROPOUT,
+                      help="probability of training on the empty prompt (the paper: 0.5; the original "
+                           "tutorial: 0)")
+    data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                      help="per device; 4 as the original's tutorial, meant for a 16 GB GPU at 512 px (the seed "
+                           "used 11 on a larger GPU)")
+    data.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
+    train.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate")
+    train.add_argument("--precision", choices=PRECISIONS, default="32",
+                       help="32 as the original; bf16-mixed on Ampere or newer; 16-mixed on older GPUs")
+    train.add_argument("--accumulate-grad-batches", type=_positive_int, default=1,
+                       help="batches per optimizer step")
+    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps in total (-1: no limit)")
+    train.add_argument("--max-epochs", type=int, default=None,
+                       help="epochs in total (default: no limit when --max-steps is not given either)")
+    train.add_argument("--max-time", type=parse_duration, default=None,
+                       help="wall-clock limit of this invocation, DD:HH:MM:SS or e.g. '1 day' (the seed), "
+                            "'11h 30m'; ends with last.ckpt")
+    train.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seeds data order, noise, timesteps, prompt dropout and the logged samples")
+    train.add_argument("--resume", metavar="{PATH,last}", default=None,
+                       help="continue a run at the same step with the same optimizer state; 'last' is "
+                            "OUTPUT_DIR/checkpoints/last.ckpt")
+
+    logging = parser.add_argument_group("logging and checkpoints")
+    logging.add_argument("--logger-freq", type=_positive_int, default=DEFAULT_LOGGER_FREQ,
+                         help="steps between sample grids")
+    logging.add_argument("--sample-ddim-steps", type=_positive_int, default=DEFAULT_SAMPLE_DDIM_STEPS,
+                         help="DDIM steps of the logged samples (guidance 9 against the empty prompt)")
+    logging.add_argument("--log-every-n-steps", type=_positive_int, default=50, help="steps between scalar logs")
+    logging.add_argument("--checkpoint-every", type=_positive_int, default=DEFAULT_CHECKPOINT_EVERY,
+                         help="steps between checkpoints")
+    logging.add_argument("--keep-checkpoints", type=_non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
+                         help="step checkpoints to keep (the newest); last.ckpt is always kept")
+
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--accelerator", default="auto", help="auto, gpu, cpu, mps, ... (Lightning)")
+    hardware.add_argument("--devices", default="auto", help="auto, a count (2) or a list (0,1) (Lightning)")
+    hardware.add_argument("--strategy", default="auto",
+                          help="auto, ddp, deepspeed_stage_2, ... (Lightning; deepspeed needs the deepspeed "
+                               "package and writes checkpoint folders)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is None and args.init is None:
+        parser.error("--init is required for a new run (the tool_add_control.py output); "
+                     "or continue a run with --resume")
+    return args
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to continue from: None, a path, or 'last' -> checkpoint_dir/last.ckpt."""
+    if resume is None:
+        return None
+    path = checkpoint_dir / LAST if resume == "last" else Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume}: {path} not found")
+    return path
+
+
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """Run training as the command line says; `callbacks` adds Lightning callbacks (notebooks, tests).
+
+    Returns the exit status (see the module doc).
+    """
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    try:
+        resume = resolve_resume(args.resume, checkpoint_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if resume is None and checkpoint_dir.is_dir() and any(checkpoint_dir.glob("*.ckpt")):
+        print(f"error: {checkpoint_dir} already holds checkpoints: continue that run with --resume last, or "
+              f"choose another --output-dir", file=sys.stderr)
+        return 1
+
+    L.seed_everything(args.seed, verbose=False)
+    model_config = training_model_config(args.config, args.attention, args.gradient_checkpointing,
+                                         args.only_mid_control)
+    module = ControlNetTrainer(
+        model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
+        seed=args.seed, config=str(args.config), init=args.init, data=str(args.data),
+        resolution=args.resolution, batch_size=args.batch_size, precision=args.precision,
+        accumulate_grad_batches=args.accumulate_grad_batches)
+    if resume is None:
+        try:
+            report = load_weights(module.model, read_state_dict(args.init), source=args.init)
+        except (CheckpointError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{args.init}: {report}")
+
+    dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop, seed=args.seed)
+    data = ResumableDataModule(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
+                               pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_interrupts_in_worker)
+    checkpoint = ResumableCheckpoint(checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.max_time)
+    samples = ImageLogger(output_dir / "samples", args.logger_freq, max_images=SAMPLE_IMAGES,
+                          ddim_steps=args.sample_ddim_steps, guidance_scale=SAMPLE_GUIDANCE, seed=args.seed)
+    strategy = args.strategy
+    if strategy == "ddp" and args.only_mid_control:
+        # The skip-connection zero convs get no gradient then, which plain DDP treats as an error.
+        strategy = "ddp_find_unused_parameters_true"
+    no_epoch_limit = args.max_epochs is None and args.max_steps == -1
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, precision=args.precision,
+        max_steps=args.max_steps, max_epochs=-1 if no_epoch_limit else args.max_epochs,
+        accumulate_grad_batches=args.accumulate_grad_batches, log_every_n_steps=args.log_every_n_steps,
+        callbacks=[samples, TQDMProgressBar(), *callbacks, checkpoint], default_root_dir=output_dir,
+        logger=[CSVLogger(output_dir / "logs", name="csv"),
+                TensorBoardLogger(output_dir / "logs", name="tensorboard", default_hp_metric=False)],
+        use_distributed_sampler=False, num_sanity_val_steps=0)
+    try:
+        with warnings.catch_warnings():
+            # The frozen VAE, text encoder and locked UNet are in eval mode on purpose.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if checkpoint.stop_reason in ("SIGINT", "SIGTERM"):
+        print(f"stopped by {checkpoint.stop_reason} at step {trainer.global_step}; continue with --resume last",
+              file=sys.stderr)
+        return SIGNAL_EXIT_BASE + int(getattr(signal, checkpoint.stop_reason))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
