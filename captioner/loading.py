@@ -69,7 +69,7 @@ def load_original_checkpoint(
     tokenizer_source = folder if (folder / VOCAB_FILE).is_file() else BLIP_BASE_TOKENIZER
     try:
         tokenizer = blip_tokenizer(tokenizer_source)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(
             f"{path}: no {VOCAB_FILE} beside it and cannot load {tokenizer_source}: {error}"
         ) from error
