@@ -30,12 +30,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cldm.checkpointing import LAST, ResumableCheckpoint, ignore_interrupts_in_worker
+from cldm.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
 from cldm.logger import ImageLogger
 from cldm.resumable_data import ResumableDataModule
-from cldm.training import ControlNetTrainer, NonFiniteLossError, training_model_config
-from dataset import ControlDataset
-from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from cldm.training import ControlNetTrainer, NonFiniteLossError, load_initial_weights, training_model_config
+from dataset import ControlDataset, DatasetError
+from ldm.checkpoint import CheckpointError
 from ldm.modules.attention import ATTENTION_KINDS
 
 # Defaults of the original (tutorial_train.py, docs/train.md) unless noted.
@@ -183,13 +183,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint to continue from: None, a path, or 'last' -> checkpoint_dir/last.ckpt."""
+    """The checkpoint to continue from: a path, 'last' -> checkpoint_dir/last.ckpt, or None for a new run
+    (which must not mix its checkpoints with an earlier run's)."""
     if resume is None:
+        if checkpoint_dir.is_dir() and any(checkpoint_dir.glob("*.ckpt")):
+            raise FileExistsError(f"{checkpoint_dir} already holds checkpoints: continue that run with --resume "
+                                  f"last, or choose another --output-dir")
         return None
     path = checkpoint_dir / LAST if resume == "last" else Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"--resume {resume}: {path} not found")
     return path
+
+
+def build_module(args: argparse.Namespace, load_init: bool) -> ControlNetTrainer:
+    """The training system with the --init weights (unless the resumed checkpoint will provide them)."""
+    model_config = training_model_config(args.config, args.attention, args.gradient_checkpointing,
+                                         args.only_mid_control)
+    module = ControlNetTrainer(
+        model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
+        seed=args.seed, config=str(args.config), init=args.init, data=str(args.data),
+        resolution=args.resolution, batch_size=args.batch_size, precision=args.precision,
+        accumulate_grad_batches=args.accumulate_grad_batches)
+    if load_init:
+        report = load_initial_weights(module.model, model_config, args.init)
+        print(f"{args.init}: {report}")
+    return module
+
+
+def build_trainer(args: argparse.Namespace, checkpoint: ResumableCheckpoint,
+                  callbacks: Sequence[Callback]) -> L.Trainer:
+    output_dir = Path(args.output_dir)
+    samples = ImageLogger(output_dir / "samples", args.logger_freq, max_images=SAMPLE_IMAGES,
+                          ddim_steps=args.sample_ddim_steps, guidance_scale=SAMPLE_GUIDANCE, seed=args.seed)
+    strategy = args.strategy
+    if strategy == "ddp" and args.only_mid_control:
+        # The skip-connection zero convs get no gradient then, which plain DDP treats as an error.
+        strategy = "ddp_find_unused_parameters_true"
+    no_epoch_limit = args.max_epochs is None and args.max_steps == -1
+    return L.Trainer(
+        accelerator=args.accelerator, devices=args.devices, strategy=strategy, precision=args.precision,
+        max_steps=args.max_steps, max_epochs=-1 if no_epoch_limit else args.max_epochs,
+        accumulate_grad_batches=args.accumulate_grad_batches, log_every_n_steps=args.log_every_n_steps,
+        callbacks=[samples, TQDMProgressBar(), *callbacks, checkpoint], default_root_dir=output_dir,
+        logger=[CSVLogger(output_dir / "logs", name="csv"),
+                TensorBoardLogger(output_dir / "logs", name="tensorboard", default_hp_metric=False)],
+        # DeepSpeed writes and reads its own checkpoint folders.
+        plugins=None if "deepspeed" in strategy else [FileCheckpointIO()],
+        use_distributed_sampler=False, num_sanity_val_steps=0)
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
@@ -198,53 +239,21 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     Returns the exit status (see the module doc).
     """
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
+    L.seed_everything(args.seed, verbose=False)
     try:
-        resume = resolve_resume(args.resume, checkpoint_dir)
-    except FileNotFoundError as err:
+        resume = resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
+        # The dataset first: a bad prompt.json should not wait for a 1.4 B-parameter model to load.
+        dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop,
+                                 seed=args.seed)
+        module = build_module(args, load_init=resume is None)
+    except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if resume is None and checkpoint_dir.is_dir() and any(checkpoint_dir.glob("*.ckpt")):
-        print(f"error: {checkpoint_dir} already holds checkpoints: continue that run with --resume last, or "
-              f"choose another --output-dir", file=sys.stderr)
-        return 1
-
-    L.seed_everything(args.seed, verbose=False)
-    model_config = training_model_config(args.config, args.attention, args.gradient_checkpointing,
-                                         args.only_mid_control)
-    module = ControlNetTrainer(
-        model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
-        seed=args.seed, config=str(args.config), init=args.init, data=str(args.data),
-        resolution=args.resolution, batch_size=args.batch_size, precision=args.precision,
-        accumulate_grad_batches=args.accumulate_grad_batches)
-    if resume is None:
-        try:
-            report = load_weights(module.model, read_state_dict(args.init), source=args.init)
-        except (CheckpointError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"{args.init}: {report}")
-
-    dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop, seed=args.seed)
     data = ResumableDataModule(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
                                pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_interrupts_in_worker)
-    checkpoint = ResumableCheckpoint(checkpoint_dir, args.checkpoint_every, args.keep_checkpoints, args.max_time)
-    samples = ImageLogger(output_dir / "samples", args.logger_freq, max_images=SAMPLE_IMAGES,
-                          ddim_steps=args.sample_ddim_steps, guidance_scale=SAMPLE_GUIDANCE, seed=args.seed)
-    strategy = args.strategy
-    if strategy == "ddp" and args.only_mid_control:
-        # The skip-connection zero convs get no gradient then, which plain DDP treats as an error.
-        strategy = "ddp_find_unused_parameters_true"
-    no_epoch_limit = args.max_epochs is None and args.max_steps == -1
-    trainer = L.Trainer(
-        accelerator=args.accelerator, devices=args.devices, strategy=strategy, precision=args.precision,
-        max_steps=args.max_steps, max_epochs=-1 if no_epoch_limit else args.max_epochs,
-        accumulate_grad_batches=args.accumulate_grad_batches, log_every_n_steps=args.log_every_n_steps,
-        callbacks=[samples, TQDMProgressBar(), *callbacks, checkpoint], default_root_dir=output_dir,
-        logger=[CSVLogger(output_dir / "logs", name="csv"),
-                TensorBoardLogger(output_dir / "logs", name="tensorboard", default_hp_metric=False)],
-        use_distributed_sampler=False, num_sanity_val_steps=0)
+    checkpoint = ResumableCheckpoint(Path(args.output_dir) / "checkpoints", args.checkpoint_every,
+                                     args.keep_checkpoints, args.max_time)
+    trainer = build_trainer(args, checkpoint, callbacks)
     try:
         with warnings.catch_warnings():
             # The frozen VAE, text encoder and locked UNet are in eval mode on purpose.
@@ -253,10 +262,11 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if checkpoint.stop_reason in ("SIGINT", "SIGTERM"):
-        print(f"stopped by {checkpoint.stop_reason} at step {trainer.global_step}; continue with --resume last",
-              file=sys.stderr)
-        return SIGNAL_EXIT_BASE + int(getattr(signal, checkpoint.stop_reason))
+    reason = checkpoint.stop_reason
+    if reason is not None:
+        print(f"stopped ({reason}) at step {trainer.global_step}; continue with --resume last", file=sys.stderr)
+    if reason in ("SIGINT", "SIGTERM"):
+        return SIGNAL_EXIT_BASE + int(getattr(signal, reason))
     return 0
 
 

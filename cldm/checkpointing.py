@@ -5,7 +5,9 @@
 - Ctrl-C (SIGINT), SIGTERM (what Colab sends on disconnect) or the time limit stop the run after the
   current optimizer step, and the end of training writes `last.ckpt`;
 - files are written under a temporary name and renamed, so a kill while saving leaves the previous file;
-- an exception (e.g. a NaN loss) saves nothing, so the last good checkpoint stays.
+- an exception (e.g. a NaN loss) saves nothing, so the last good checkpoint stays;
+- `FileCheckpointIO` keeps whole checkpoints out of RAM (an SD 1.5 training checkpoint is 8.6 GB, free
+  Colab has 12.7 GB of RAM).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -64,6 +68,24 @@ def _link_or_copy(source: Path, target: Path) -> None:
         except OSError:  # no hard links here (e.g. some network or FUSE drives)
             shutil.copy2(source, temporary)
     _replace(temporary, target)
+
+
+class FileCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO without a copy of the whole checkpoint in memory: saving streams to the
+    file (Lightning serialises into an in-memory buffer first), loading maps the file (mmap) instead of
+    reading it, and only plain data is unpickled (weights_only)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        # Not atomic by itself: ResumableCheckpoint writes to a temporary name and renames.
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class ResumableCheckpoint(Checkpoint):
