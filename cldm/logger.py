@@ -40,14 +40,18 @@ class ImageLogger(L.Callback):
         self.seed = seed
         self._last_step: int | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        # With gradient accumulation several batches end on the same global step: log once.
+        # Only after an optimizer step: within a gradient accumulation the global step stands still.
         step = trainer.global_step
-        if step % self.every_n_steps != 0 or step == self._last_step:
+        if step == self._last_step:
             return
         self._last_step = step
-        self.log_grid(trainer, pl_module, batch, step)
+        if step % self.every_n_steps == 0:
+            self.log_grid(trainer, pl_module, batch, step)
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
         """Sample in eval mode without gradients (every rank takes part: sharded models sample

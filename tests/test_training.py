@@ -399,10 +399,13 @@ def test_training_script_smoke(tmp_path, init_path, four_pairs):
     """training.py as a user runs it: checkpoints, a sample grid and the CSV log appear."""
     output = tmp_path / "run"
     result = run_script(*train_args(init_path, four_pairs, output, "--batch-size", "2", "--max-steps", "2",
-                                    "--logger-freq", "2", "--sample-ddim-steps", "2", "--checkpoint-every", "2"))
+                                    "--accumulate-grad-batches", "2", "--logger-freq", "2",
+                                    "--sample-ddim-steps", "2", "--checkpoint-every", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "checkpoints" / LAST).is_file() and (output / "checkpoints" / "step-00000002.ckpt").is_file()
-    assert (output / "samples" / "step-00000002.png").is_file()
+    # One grid, after optimizer step 2 (none while the first step accumulates).
+    assert sorted(path.name for path in (output / "samples").iterdir()) == ["step-00000002.png",
+                                                                             "step-00000002.txt"]
     assert sorted(logged_losses(output)) == [0, 1]
     assert list((output / "logs" / "tensorboard").glob("version_0/events.out.tfevents.*"))
     assert "loss=" in result.stdout  # the progress bar shows the loss
