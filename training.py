@@ -47,6 +47,7 @@ DEFAULT_CONFIG = "models/cldm_v15.yaml"
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_LR = 1e-5
 DEFAULT_RESOLUTION = 512
+RESOLUTION_MULTIPLE = 64
 DEFAULT_LOGGER_FREQ = 300
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_KEEP_CHECKPOINTS = 2
@@ -103,10 +104,16 @@ def _probability(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a ControlNet (Lightning) on a prompt.json dataset folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a ControlNet (Lightning) on a prompt.json dataset folder.", formatter_class=_HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--config", default=DEFAULT_CONFIG, help="model config (cldm_v15.yaml / cldm_v21.yaml)")
     model.add_argument("--init", help="initial weights: the tool_add_control.py output or a training "
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resolution % RESOLUTION_MULTIPLE:
+        parser.error(f"--resolution must be a multiple of {RESOLUTION_MULTIPLE} (the VAE and the UNet downsample "
+                     f"by 64 in all), got {args.resolution}")
     if args.resume is None and args.init is None:
         parser.error("--init is required for a new run (the tool_add_control.py output); "
                      "or continue a run with --resume")

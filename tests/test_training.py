@@ -199,13 +199,13 @@ def fixed_loss(state_dict: dict[str, torch.Tensor], data: Path) -> float:
     return sum(losses) / len(losses)
 
 
-def test_thirty_steps_on_one_batch_lower_the_loss(tmp_path, init_path, four_pairs):
+def test_thirty_steps_on_one_batch_lower_the_loss(tmp_path, init_path):
+    data = make_dataset(tmp_path / "two_pairs", 2)
     output = tmp_path / "run"
-    argv = train_args(init_path, four_pairs, output, "--batch-size", "4", "--max-steps", "30",
-                      "--prompt-dropout", "0")
+    argv = train_args(init_path, data, output, "--batch-size", "2", "--max-steps", "30", "--prompt-dropout", "0")
     assert training.main(argv) == 0
-    before = fixed_loss(load_file(str(init_path)), four_pairs)
-    after = fixed_loss(read_training_checkpoint(output / "checkpoints" / LAST)["state_dict"], four_pairs)
+    before = fixed_loss(load_file(str(init_path)), data)
+    after = fixed_loss(read_training_checkpoint(output / "checkpoints" / LAST)["state_dict"], data)
     assert after < 0.75 * before, (before, after)
     assert sorted(logged_losses(output)) == list(range(30))
 
@@ -367,6 +367,17 @@ def test_max_time_formats(text, expected):
 def test_max_time_rejects_nonsense(text):
     with pytest.raises(argparse.ArgumentTypeError):
         training.parse_duration(text)
+
+
+def test_bad_input_fails_clearly(tmp_path, init_path, four_pairs, capsys):
+    assert training.main(train_args(init_path, tmp_path / "no_dataset", tmp_path / "run")) == 1
+    assert "prompt.json" in capsys.readouterr().err
+    assert training.main(train_args(tmp_path / "missing.ckpt", four_pairs, tmp_path / "run")) == 1
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert training.main(train_args(init_path, four_pairs, tmp_path / "run", "--resume", "last")) == 1
+    assert "last.ckpt not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        training.parse_args(train_args(init_path, four_pairs, tmp_path / "run", "--resolution", "100"))
 
 
 def test_image_logger_writes_a_grid_and_restores_train_mode(tmp_path):
