@@ -50,10 +50,19 @@ class ControlledUnetModel(UNetModel):
         if control is None:
             return self.decode(h, skips, emb, context)
         control = list(control)
-        h = h + control.pop()
+        # The encoder's outputs hold no autograd state and nothing else reads them, so the residuals are
+        # added in place: no second copy of every skip connection.
+        h = _add_residual(h, control.pop())
         if not only_mid_control:
-            skips = [skip + residual for skip, residual in zip(skips, control, strict=True)]
+            skips = [_add_residual(skip, residual) for skip, residual in zip(skips, control, strict=True)]
         return self.decode(h, skips, emb, context)
+
+
+def _add_residual(features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """features + residual, in place when that gives the same dtype as the out-of-place sum."""
+    if torch.result_type(features, residual) == features.dtype:
+        return features.add_(residual)
+    return features + residual
 
 
 class ControlNet(UNetEncoderMixin):
@@ -152,17 +161,23 @@ class ControlLDM(LatentDiffusion):
         self.control_scales: list[float] = [1.0] * self.control_model.num_controls
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        context = torch.cat(list(cond["c_crossattn"]), dim=1)
+        context = _concat(cond["c_crossattn"])
         unet = self.model.diffusion_model
         hints = cond.get("c_concat")
         if hints is None:
             return unet(x_noisy, timesteps=t, context=context, control=None,
                         only_mid_control=self.only_mid_control)
-        control = self.control_model(x=x_noisy, hint=torch.cat(list(hints), dim=1), timesteps=t, context=context)
+        control = self.control_model(x=x_noisy, hint=_concat(hints), timesteps=t, context=context)
         if len(self.control_scales) < len(control):
             raise ValueError(f"control_scales has {len(self.control_scales)} entries, the ControlNet gives "
                              f"{len(control)} residuals")
         # Like the original, extra scales are ignored: a list written for SD's 13 controls also works on a
-        # smaller ControlNet (only its first entries are used).
-        control = [c * scale for c, scale in zip(control, self.control_scales, strict=False)]
+        # smaller ControlNet (only its first entries are used). A scale of 1 (training) costs no copy.
+        control = [c if scale == 1.0 else c * scale for c, scale in zip(control, self.control_scales, strict=False)]
         return unet(x_noisy, timesteps=t, context=context, control=control, only_mid_control=self.only_mid_control)
+
+
+def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The conditioning list joined along channels (no copy for the usual single entry)."""
+    tensors = list(tensors)
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)

@@ -54,6 +54,13 @@ def attention(
     return out.reshape(b, h, n, d)
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last for an NHWC-strided (B, C, H, W) tensor, else torch.contiguous_format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of `query_dim` tokens over `context_dim` tokens (self-attention when the
     context is None)."""
@@ -191,6 +198,7 @@ class SpatialTransformer(nn.Module):
         """x: (B, C, H, W), context: (B, M, context_dim) -> (B, C, H, W)."""
         contexts = context if isinstance(context, list) else [context] * len(self.transformer_blocks)
         b, c, h, w = x.shape
+        layout = memory_format(x)
         residual = x
         x = self.norm(x)
         if not self.use_linear:
@@ -202,7 +210,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, ctx)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # (B, H*W, C) -> (B, C, H, W) is a channels-last view; give it the input's layout, or every conv
+        # after this block would see mixed layouts and reorder its weights on each call.
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=layout)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + residual
