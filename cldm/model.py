@@ -29,14 +29,10 @@ def load_config(config_path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def build_model(model_config: dict[str, Any], attention: AttentionKind | None = None,
-                use_checkpoint: bool | None = None) -> torch.nn.Module:
-    """Build a model from a config's `model` section (a dict with `target` and `params`).
-
-    attention: "sdpa" | "sliced" | "math" for every attention layer of the UNet and ControlNet (default:
-    what the config says, else "sdpa"). use_checkpoint: gradient checkpointing on/off (default: the
-    config's value). To build without allocating memory, call it under `with torch.device("meta"):`.
-    """
+def with_model_options(model_config: dict[str, Any], attention: AttentionKind | None = None,
+                       use_checkpoint: bool | None = None) -> dict[str, Any]:
+    """A copy of a config's `model` section with the attention kind and gradient checkpointing of the
+    UNet and ControlNet set (None keeps the config's value)."""
     model_config = copy.deepcopy(to_plain(model_config))
     params = model_config.setdefault("params", {})
     for name in _DENOISER_CONFIGS:
@@ -47,7 +43,18 @@ def build_model(model_config: dict[str, Any], attention: AttentionKind | None = 
             sub["attention"] = check_attention_kind(attention)
         if use_checkpoint is not None:
             sub["use_checkpoint"] = use_checkpoint
-    return instantiate_from_config(model_config)
+    return model_config
+
+
+def build_model(model_config: dict[str, Any], attention: AttentionKind | None = None,
+                use_checkpoint: bool | None = None) -> torch.nn.Module:
+    """Build a model from a config's `model` section (a dict with `target` and `params`).
+
+    attention: "sdpa" | "sliced" | "math" for every attention layer of the UNet and ControlNet (default:
+    what the config says, else "sdpa"). use_checkpoint: gradient checkpointing on/off (default: the
+    config's value). To build without allocating memory, call it under `with torch.device("meta"):`.
+    """
+    return instantiate_from_config(with_model_options(model_config, attention, use_checkpoint))
 
 
 def create_model(config_path: str | os.PathLike, attention: AttentionKind | None = None,

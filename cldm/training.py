@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from cldm.lazy_checkpoint import open_lazy
-from cldm.model import load_config
+from cldm.model import load_config, with_model_options
 from cldm.resumable_data import derived_seed
 from ldm.checkpoint import LoadReport, load_weights
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.attention import AttentionKind, check_attention_kind
+from ldm.modules.attention import AttentionKind
 from ldm.util import instantiate_from_config
 
-# The denoiser configs whose attention kind and gradient checkpointing the CLI may override.
-_DENOISER_CONFIGS = ("unet_config", "control_stage_config")
 # Values allowed in hyper_parameters: what torch.load(weights_only=True) reads back.
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 
@@ -48,18 +46,9 @@ def training_model_config(config_path: str | os.PathLike, attention: AttentionKi
                           only_mid_control: bool | None = None) -> dict[str, Any]:
     """The config's `model` section as plain dicts, with the run's choices written in (None keeps the
     config's value), so that the checkpoint alone rebuilds the same model."""
-    model_config = load_config(config_path)["model"]
-    params = model_config.setdefault("params", {})
-    for name in _DENOISER_CONFIGS:
-        if name not in params:
-            continue
-        sub = params[name].setdefault("params", {})
-        if attention is not None:
-            sub["attention"] = check_attention_kind(attention)
-        if gradient_checkpointing is not None:
-            sub["use_checkpoint"] = gradient_checkpointing
+    model_config = with_model_options(load_config(config_path)["model"], attention, gradient_checkpointing)
     if only_mid_control is not None:
-        params["only_mid_control"] = only_mid_control
+        model_config["params"]["only_mid_control"] = only_mid_control
     return model_config
 
 
