@@ -7,6 +7,7 @@ The parent drives the workers step by step over stdin/stdout and interleaves the
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -31,6 +32,14 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
     ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0),
 )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (steps, runs, batch sizes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

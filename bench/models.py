@@ -8,6 +8,7 @@ random values on both sides. Timing and memory do not depend on the values.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,11 +128,23 @@ class Batch:
         return self.images.shape[0]
 
 
+# Images pass the VAE's 8x downsampling and up to three more halvings in the UNet.
+RESOLUTION_MULTIPLE = 64
+
+
+def resolution_arg(text: str) -> int:
+    """argparse type: an image size in px, a positive multiple of 64."""
+    value = int(text)
+    if value <= 0 or value % RESOLUTION_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"resolution must be a positive multiple of {RESOLUTION_MULTIPLE}, "
+                                         f"got {value}")
+    return value
+
+
 def make_batch(model: Mapping[str, Any], batch_size: int, resolution: int, device: torch.device,
                seed: int = 0) -> Batch:
     """A random batch at `resolution` px (a multiple of 64, so every UNet level divides evenly)."""
-    if resolution % 64:
-        raise ValueError(f"resolution must be a multiple of 64, got {resolution}")
+    resolution = resolution_arg(str(resolution))
     generator = torch.Generator().manual_seed(seed)
     side = resolution // LATENT_DOWNSAMPLING
     batch = Batch(

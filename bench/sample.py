@@ -31,13 +31,14 @@ from bench.measure import (
     format_table,
     median,
     peak_memory_bytes,
+    positive_int,
     ratio,
     reset_peak_memory,
     run_interleaved,
     serve,
     synchronize,
 )
-from bench.models import Batch, build_ours, build_peer, latent_channels, make_batch
+from bench.models import Batch, build_ours, build_peer, latent_channels, make_batch, resolution_arg
 from ldm.models.diffusion.ddim import DDIMSampler
 
 GUIDANCE_SCALE = 9.0  # the original ControlNet demos' default
@@ -187,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", choices=MODEL_SIZES)
     parser.add_argument("--device")
     parser.add_argument("--precision", choices=sorted(PRECISIONS))
-    parser.add_argument("--resolution", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--ddim-steps", type=int)
+    parser.add_argument("--resolution", type=resolution_arg)
+    parser.add_argument("--batch", type=positive_int)
+    parser.add_argument("--ddim-steps", type=positive_int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--runs", type=int)
+    parser.add_argument("--runs", type=positive_int)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -199,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ddim_steps is not None and args.ddim_steps <= SKIPPED_STEPS:
+        parser.error(f"--ddim-steps must be above {SKIPPED_STEPS} (the first step is not timed)")
     if args.worker:
         run_job(json.loads(args.worker))
         return

@@ -32,13 +32,14 @@ from bench.measure import (
     device_name,
     format_table,
     peak_memory_bytes,
+    positive_int,
     ratio,
     reset_peak_memory,
     run_interleaved,
     serve,
     synchronize,
 )
-from bench.models import Batch, build_ours, build_peer, make_batch
+from bench.models import Batch, build_ours, build_peer, make_batch, resolution_arg
 from ldm.modules.attention import ATTENTION_KINDS
 
 # The original ControlNet's learning rate; diffusers' script defaults for the rest of its AdamW.
@@ -353,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--size", choices=MODEL_SIZES, help="model size (default: the preset's)")
     parser.add_argument("--device", help="cpu / cuda (default: the preset's)")
-    parser.add_argument("--resolution", type=int, nargs="+", help="image sizes in px (replace the preset's rows)")
-    parser.add_argument("--batch", type=int, help="batch size of every row")
+    parser.add_argument("--resolution", type=resolution_arg, nargs="+",
+                        help="image sizes in px (replace the preset's rows)")
+    parser.add_argument("--batch", type=positive_int, help="batch size of every row")
     parser.add_argument("--encode-images", action=argparse.BooleanOptionalAction, default=None,
                         help="VAE-encode the targets every step (else latents are given)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS))
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also search the largest batch under --memory-limit-gib (CUDA only)")
     parser.add_argument("--memory-limit-gib", type=float)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--peak-tflops", type=float, help="the GPU's bf16 peak (default: looked up by name)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
