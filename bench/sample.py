@@ -168,7 +168,7 @@ def run_preset(preset: SamplePreset, sides: Sequence[str] = SIDES) -> dict[str, 
 def report(preset: SamplePreset, results: dict[str, dict[str, Any]]) -> str:
     ours, peer = results.get("ours", {}), results.get("peer", {})
     ours_s, peer_s = ours.get("median_step_s"), peer.get("median_step_s")
-    memory = "CUDA peak" if preset.device == "cuda" else "peak RSS"
+    memory = "CUDA peak" if torch.device(preset.device).type == "cuda" else "peak RSS"
     headers = ["res", "batch", "DDIM steps", "ours s/step", "peer s/step", "speed ratio (peer/ours time)",
                f"ours {memory} GiB", f"peer {memory} GiB", "ratio"]
     row = [preset.resolution, preset.batch, preset.ddim_steps, ours_s, peer_s, ratio(peer_s, ours_s),

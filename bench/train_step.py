@@ -312,7 +312,7 @@ def run_preset(preset: Preset, sides: Sequence[str] = SIDES) -> list[Row]:
 
 def report(preset: Preset, rows: Sequence[Row], peak_tflops: float | None) -> str:
     """The comparison table (and, for SD 1.5, achieved TFLOP/s and the fraction of the bf16 peak)."""
-    memory = "CUDA peak" if preset.device == "cuda" else "peak RSS"
+    memory = "CUDA peak" if torch.device(preset.device).type == "cuda" else "peak RSS"
     headers = ["res", "batch", "VAE", "ours samples/s", "peer samples/s", "ratio", f"ours {memory} GiB",
                f"peer {memory} GiB", "ratio"]
     with_flops = preset.size == "sd15"
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     preset = preset_from_args(args)
     rows = run_preset(preset, args.sides)
-    peak = args.peak_tflops or (bf16_peak_tflops(torch.device(preset.device)) if preset.device == "cuda" else None)
+    peak = args.peak_tflops or bf16_peak_tflops(torch.device(preset.device))
     print(report(preset, rows, peak))
 
 
