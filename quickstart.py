@@ -1,0 +1,156 @@
+"""The embedded default, end to end on a CPU with no download: the README's first command.
+
+    .venv/bin/python quickstart.py            # a few minutes; results under outputs/quickstart/
+
+1. toy photos (coloured shapes + captions, toy/)                     -> OUT/photos/{train,heldout}/
+2. prepare_dataset.py --captions-from-txt (Canny edges, prompt.json)  -> OUT/data/{train,heldout}/
+3. tool_add_control.py on the shipped toy base (models/toy_base.safetensors, models/cldm_toy.yaml)
+                                                                      -> OUT/control_init.safetensors
+4. training.py for a few hundred steps, logging Canny F1 as it goes   -> OUT/run/
+5. inference.py on held-out edge maps                                 -> OUT/inference/
+6. evaluate.py's Canny F1 of the trained ControlNet and of the untrained (zero) one on the same base
+                                                                      -> OUT/comparison.png, OUT/results.json
+Each step is the script's own `main(argv)`, as a user or a notebook would call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import evaluate
+import inference
+import prepare_dataset
+import tool_add_control
+import training
+from cldm.fidelity import DEFAULT_GUIDANCE_SCALE, control_fidelity
+from cldm.fidelity_callback import FidelityCallback
+from cldm.inference_loading import load_for_inference
+from toy.photos import write_toy_photos
+from toy.shapes import DEFAULT_RESOLUTION
+
+DEFAULT_OUTPUT = "outputs/quickstart"
+DEFAULT_CONFIG = "models/cldm_toy.yaml"
+DEFAULT_BASE = "models/toy_base.safetensors"
+# Written into OUT so that a rerun may clear the folder (and never a folder quickstart did not make).
+MARKER = ".quickstart"
+INFERENCE_EXAMPLES = 2
+INFERENCE_SAMPLES = 4
+# Held-out pairs scored by the callback during training (the final evaluation uses all of them).
+CALLBACK_PAIRS = 8
+
+
+def _run(name: str, entry, argv: list[str], **kwargs) -> None:
+    """Call a script's main(argv) and stop with its name when it fails."""
+    print(f"\n== {name}: {' '.join(argv)}", flush=True)
+    status = entry(argv, **kwargs)
+    if status != 0:
+        raise SystemExit(f"quickstart: {name} failed with exit status {status}")
+
+
+def _fresh_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()):
+        if not (output / MARKER).exists():
+            raise SystemExit(f"quickstart: {output} exists and was not made by quickstart; choose another --output")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("made by quickstart.py; cleared on its next run\n", encoding="utf-8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="everything goes here (cleared on a rerun)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--base", default=DEFAULT_BASE, help="the SD-like base checkpoint")
+    parser.add_argument("--steps", type=int, default=300, help="ControlNet training steps")
+    parser.add_argument("--fast", action="store_true", help="a short smoke run: fewer steps, images and pairs")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="ControlNet learning rate (the original: 1e-5, "
+                                                               "for SD's size and thousands of steps)")
+    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--heldout-images", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between logged Canny F1 scores")
+    parser.add_argument("--ddim-steps", type=int, default=20)
+    parser.add_argument("--scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.fast:
+        args.steps, args.train_images, args.heldout_images = min(args.steps, 100), 200, 16
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    output = Path(args.output)
+    _fresh_output(output)
+    resolution = str(DEFAULT_RESOLUTION)
+
+    photos = write_toy_photos(output / "photos", args.train_images, args.heldout_images, args.seed)
+    data = {split: output / "data" / split for split in photos}
+    for split, folder in photos.items():
+        _run(f"prepare_dataset ({split})", prepare_dataset.main,
+             ["--input", str(folder), "--output", str(data[split]), "--captions-from-txt", "--workers", "1"])
+
+    control_init = output / "control_init.safetensors"
+    _run("tool_add_control", tool_add_control.main,
+         [args.base, str(control_init), "--config", args.config, "--quiet"])
+
+    heldout_pairs = evaluate.load_pairs(data["heldout"], max_pairs=None)
+    monitor = FidelityCallback(heldout_pairs[:CALLBACK_PAIRS], every_n_steps=args.eval_every,
+                               ddim_steps=args.ddim_steps, guidance_scale=args.scale, seed=args.seed)
+    run_dir = output / "run"
+    _run("training", training.main,
+         ["--config", args.config, "--init", str(control_init), "--data", str(data["train"]),
+          "--resolution", resolution, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+          "--max-steps", str(args.steps), "--seed", str(args.seed), "--output-dir", str(run_dir),
+          "--logger-freq", str(args.steps), "--sample-ddim-steps", str(args.ddim_steps),
+          "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1"],
+         callbacks=[monitor])
+    trained = run_dir / "checkpoints" / "last.ckpt"
+    training_seconds = time.perf_counter() - started
+
+    heldout_prompts = [json.loads(line)["prompt"]
+                       for line in (data["heldout"] / "prompt.json").read_text(encoding="utf-8").splitlines()]
+    for index, source in enumerate(sorted((data["heldout"] / "source").glob("*.png"))[:INFERENCE_EXAMPLES]):
+        _run("inference", inference.main,
+             ["--ckpt", str(trained), "--hint", str(source), "--prompt", heldout_prompts[index], "--a-prompt", "",
+              "--n-prompt", "", "--resolution", resolution, "--num-samples", str(INFERENCE_SAMPLES),
+              "--steps", str(args.ddim_steps), "--scale", str(args.scale), "--seed", str(args.seed),
+              "--output", str(output / "inference" / source.stem), "--device", "cpu"])
+
+    print("\n== evaluate: trained vs untrained (zero) ControlNet on the same base", flush=True)
+    reports = {}
+    for name, checkpoint, config in (("zero", control_init, args.config), ("trained", trained, None)):
+        model, _ = load_for_inference(checkpoint, config)
+        reports[name] = control_fidelity(model, heldout_pairs, ddim_steps=args.ddim_steps,
+                                         guidance_scale=args.scale, seed=args.seed)
+        print(f"{name:>7} ControlNet: {reports[name].summary()}")
+    grid = output / "comparison.png"
+    evaluate.comparison_grid([reports["zero"], reports["trained"]]).save(grid)
+    seconds = time.perf_counter() - started
+    results = {name: evaluate.report_dict(report) for name, report in reports.items()}
+    results.update(steps=args.steps, seconds=round(seconds, 1), training_seconds=round(training_seconds, 1),
+                   f1_during_training=[list(entry) for entry in monitor.history])
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+    zero, trained_f1 = reports["zero"].f1, reports["trained"].f1
+    ratio = trained_f1 / zero if zero > 0 else float("inf")
+    print(f"\nCanny F1 on {len(heldout_pairs)} held-out pairs: trained ControlNet {trained_f1:.3f}, "
+          f"untrained (zero) ControlNet {zero:.3f} ({ratio:.1f}x), after {args.steps} steps")
+    print(f"comparison grid (edge map | zero: generated, edges | trained: generated, edges): {grid}")
+    print(f"samples: {output / 'inference'}/*/seed{args.seed}_grid.png; training grids: {run_dir / 'samples'}")
+    print(f"scores: {output / 'results.json'}; total time {seconds / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
