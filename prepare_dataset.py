@@ -68,6 +68,10 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", "
 URL_SCHEMES = ("http", "https", "ftp", "file")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 OUTPUT_REWRITE_SECONDS = 60.0
+# --workers auto: one Canny worker per this many images, up to the CPU count. A spawned worker costs about
+# 3.5 CPU-seconds to start (bench/canny_workers.py) while one process makes ~170 pairs/s, so a worker pays
+# for itself only after several hundred images.
+IMAGES_PER_WORKER = 1000
 # Leaves room under the usual 255-byte file-name limit for the suffix and a hash.
 MAX_NAME_BYTES = 200
 NAME_HASH_CHARS = 8
@@ -91,7 +95,7 @@ class BuildConfig:
     captions_from_txt: bool = False
     device: str | None = None
     resolution: int | None = None
-    workers: int = os.cpu_count() or 1
+    workers: int | None = None  # None: auto_workers()
     batch_size: int = DEFAULT_BATCH_SIZE
     shard_index: int = 0
     shard_count: int = 1
@@ -339,6 +343,12 @@ def _read_caption_file(image_path: Path) -> str | None:
     return caption_path.read_text(encoding="utf-8", errors="replace").strip() or None
 
 
+def auto_workers(image_count: int, cpu_count: int | None = None) -> int:
+    """Canny processes for `image_count` images: one per IMAGES_PER_WORKER, at least 1, at most the CPUs."""
+    cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, min(cpus, image_count // IMAGES_PER_WORKER))
+
+
 def make_pairs(jobs: list[PairJob], settings: PairSettings, workers: int) -> Iterator[tuple[PairJob, str | None]]:
     """(job, skip reason or None) for every job, in order; in `workers` processes when workers > 1."""
     work = functools.partial(make_canny_pair, settings=settings)
@@ -469,7 +479,8 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
         for job in ready:
             captions.add(job)
         # closing(): stops the worker pool at once if captioning fails or the run is interrupted.
-        with closing(make_pairs(jobs, config.pair_settings(), config.workers)) as pairs:
+        workers = auto_workers(len(jobs)) if config.workers is None else config.workers
+        with closing(make_pairs(jobs, config.pair_settings(), workers)) as pairs:
             for job, reason in tqdm(pairs, total=len(jobs), desc="canny", unit=" images", position=0):
                 if reason is None:
                     captions.add(job)
@@ -507,6 +518,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | None:
+    """'auto' -> None (see auto_workers), else a count (0 or 1: no worker processes)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--workers wants a count or 'auto', got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--workers must be 0 or more, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Build a ControlNet training set (target/, source/ Canny edges, prompt.json) from photos.",
@@ -521,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="captioning device (default: cuda if available)")
     parser.add_argument("--resolution", type=_positive, default=None,
                         help="scale the short side to N and centre-crop N x N (default: keep the size)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Canny worker processes")
+    parser.add_argument("--workers", type=_workers, default=None,
+                        help=f"Canny worker processes, or 'auto' (the default): one per {IMAGES_PER_WORKER} "
+                             f"images, up to the CPU count (a worker takes seconds to start)")
     parser.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="captioning batch")
     parser.add_argument("--shard", type=_shard, default=(0, 1), help="i/N: process the i-th of N shares")
     parser.add_argument("--canny-low", type=int, default=DEFAULT_LOW_THRESHOLD)

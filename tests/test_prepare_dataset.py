@@ -314,3 +314,12 @@ def test_txt_captions_where_present_the_captioner_for_the_rest(tmp_path):
     prompts = {entry["target"]: entry["prompt"] for entry in read_jsonl(output / PROMPT_FILE)}
     assert prompts.pop("target/top.jpg").startswith("mean ")
     assert all(prompt.startswith("a photo from ") for prompt in prompts.values())
+
+
+def test_auto_workers_start_processes_only_for_large_inputs():
+    from prepare_dataset import IMAGES_PER_WORKER, _workers, auto_workers
+    assert auto_workers(96, cpu_count=8) == 1  # a small build: start-up would cost more than it saves
+    assert auto_workers(3 * IMAGES_PER_WORKER, cpu_count=8) == 3
+    assert auto_workers(20_000, cpu_count=8) == 8  # Stanford Dogs: every core
+    assert auto_workers(0, cpu_count=8) == 1
+    assert _workers("auto") is None and _workers("2") == 2
