@@ -179,17 +179,29 @@ class ControlDataset(Dataset):
         source = read_image_rgb(self.root / entry.source, max_pixels=None).pixels
         if target.shape != source.shape:
             raise _size_mismatch(entry, source.shape[1::-1], target.shape[1::-1])
-        drop_draw, crop_top, crop_left = self._uniforms(index)
-        if self.resolution is not None:
-            offset = (crop_top, crop_left) if self.random_crop else (0.5, 0.5)
-            target = resize_and_crop(target, self.resolution, offset)
-            source = resize_and_crop(source, self.resolution, offset)
+        drop_draw, offset = self._draws(index)
         prompt = "" if drop_draw < self.prompt_dropout else entry.prompt
         return dict(
-            jpg=target.astype(np.float32) / (UINT8_MAX / 2) - 1.0,
+            jpg=self._fit(target, offset).astype(np.float32) / (UINT8_MAX / 2) - 1.0,
             txt=prompt,
-            hint=source.astype(np.float32) / UINT8_MAX,
+            hint=self._fit(source, offset).astype(np.float32) / UINT8_MAX,
         )
+
+    def hint(self, index: int) -> np.ndarray:
+        """Item `index`'s "hint" alone, reading only the control image: float32 (H, W, 3) in [0, 1], the
+        crop __getitem__ cuts (a random one repeats only with a seed). For training from cached target
+        latents (cldm.latent_cache), which never reads the photos."""
+        source = read_image_rgb(self.root / self.entries[index].source, max_pixels=None).pixels
+        return self._fit(source, self._draws(index)[1]).astype(np.float32) / UINT8_MAX
+
+    def _fit(self, pixels: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
+        """uint8 (H, W, 3) scaled and cropped to the resolution at `offset` (unchanged without one)."""
+        return pixels if self.resolution is None else resize_and_crop(pixels, self.resolution, offset)
+
+    def _draws(self, index: int) -> tuple[float, tuple[float, float]]:
+        """Item `index`'s prompt-dropout draw and crop offset ((0.5, 0.5), the centre, unless random_crop)."""
+        drop_draw, crop_top, crop_left = self._uniforms(index)
+        return drop_draw, (crop_top, crop_left) if self.random_crop else (0.5, 0.5)
 
     def _uniforms(self, index: int) -> tuple[float, float, float]:
         """Three U[0, 1) draws for item `index`: prompt dropout, crop top, crop left."""
