@@ -58,7 +58,9 @@ class FidelityCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            scores = self.measure(pl_module.model, step)
+            # The trainer's autocast: locked parts may be stored in half precision (ControlNetTrainer).
+            with trainer.precision_plugin.forward_context():
+                scores = self.measure(pl_module.model, step)
         finally:
             pl_module.train(was_training)
         for name, value in zip(("canny_f1", "canny_f1_tolerant", "edge_ssim"), scores, strict=True):

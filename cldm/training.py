@@ -12,13 +12,26 @@ turns a batch into the loss and says how to save. Checkpoint contract (read by i
 Randomness (noise, timesteps, VAE posterior sample, prompt dropout) comes from a generator seeded by
 (seed, global step, batch index, rank), never from a global stream, so a resumed run draws what an
 uninterrupted one would have drawn.
+
+A batch is one of two kinds (HWC images, as the dataset gives them; B pairs):
+
+- images (dataset.ControlDataset): jpg (B, H, W, 3) in [-1, 1], txt (B prompts), hint (B, H, W, 3) in [0, 1];
+- cached (cldm.latent_cache): posterior (B, 2C, H/8, W/8), the VAE encoder's moments of the target (mean
+  channels, then log-variance), context and empty_context (B, T, D), the text encoder's output for the
+  pair's prompt and for "", plus txt and hint as above. The step draws from the posterior and chooses a
+  context exactly as it would encode them itself: the same losses, without the VAE encoder or text encoder.
+
+Locked parts in half precision (`locked_dtype`): the VAE, the text encoder and the frozen UNet are stored
+in bf16 or fp16 and must run under autocast of that dtype (Lightning's bf16-mixed / 16-mixed); the trained
+parameters keep fp32 master weights, and `state_dict()` gives fp32 copies of the half ones, so checkpoints
+have the original layout and dtypes whatever the run's precision.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -31,10 +44,19 @@ from cldm.resumable_data import derived_seed
 from ldm.checkpoint import LoadReport, load_weights
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import AttentionKind
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 # Values allowed in hyper_parameters: what torch.load(weights_only=True) reads back.
 _PLAIN_TYPES = (str, int, float, bool, type(None))
+# Keys of a cached batch (see the module doc).
+CACHED_POSTERIOR = "posterior"
+CACHED_CONTEXT = "context"
+CACHED_EMPTY_CONTEXT = "empty_context"
+# Storage dtypes of the locked parts (`locked_dtype`), by name so that they fit in hyper_parameters.
+LOCKED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The frozen encoders whose outputs a latent cache holds.
+FROZEN_ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,11 +88,18 @@ def _check_plain(value: Any, where: str) -> None:
                         f"float, bool, None, lists, dicts)")
 
 
-def load_initial_weights(model: nn.Module, model_config: Mapping[str, Any], path: str | os.PathLike) -> LoadReport:
+def channels_first(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) as the dataset gives them -> (B, 3, H, W) float on `device` (a permuted view)."""
+    return images.to(device).permute(0, 3, 1, 2).float()
+
+
+def load_initial_weights(model: nn.Module, model_config: Mapping[str, Any], path: str | os.PathLike,
+                         prefixes: tuple[str, ...] = ("",)) -> LoadReport:
     """Load a checkpoint (the tool_add_control output, a training checkpoint, ...) into `model`, built
     from `model_config`, one tensor at a time: an SD-size file never sits in memory beside the model
     (5.7 GB each; free Colab has 12.7 GB). The strict, explained key and shape check of `load_weights`
-    runs first, on a meta-device copy of the model and the file's shapes.
+    runs first, on a meta-device copy of the model and the file's shapes. Only the model's keys that
+    start with one of `prefixes` are read (default: all).
     """
     with open_lazy(path) as checkpoint:
         with torch.device("meta"):
@@ -81,7 +110,7 @@ def load_initial_weights(model: nn.Module, model_config: Mapping[str, Any], path
             # Keys of the model only: what load_weights ignores (EMA, stale buffers) is never read; what
             # it may fill (logvar) keeps the model's value.
             for key, target in model.state_dict().items():
-                if key in checkpoint:
+                if key in checkpoint and key.startswith(prefixes):
                     target.copy_(checkpoint[key])
     return report
 
@@ -91,17 +120,22 @@ class ControlNetTrainer(L.LightningModule):
 
     learning_rate: AdamW's, as the original (1e-5). sd_locked: False also trains the UNet decoder
     (`output_blocks`, `out`). prompt_dropout: probability of replacing a prompt by "" (the paper: 0.5).
-    seed: of the per-step generators. training_options: plain values recorded in the checkpoint only.
+    seed: of the per-step generators. locked_dtype: None (fp32), "bfloat16" or "float16": the storage
+    dtype of the locked parts (see the module doc; train under autocast of that dtype).
+    training_options: plain values recorded in the checkpoint only.
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
 
     def __init__(self, model_config: Mapping[str, Any], learning_rate: float = 1e-5, sd_locked: bool = True,
-                 prompt_dropout: float = 0.0, seed: int = 0, **training_options: Any):
+                 prompt_dropout: float = 0.0, seed: int = 0, locked_dtype: str | None = None,
+                 **training_options: Any):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if locked_dtype is not None and locked_dtype not in LOCKED_DTYPES:
+            raise ValueError(f"locked_dtype must be None or one of {sorted(LOCKED_DTYPES)}, got {locked_dtype!r}")
         model_config = copy.deepcopy(dict(model_config))
         _check_plain(model_config, "model_config")
         _check_plain(training_options, "training_options")
@@ -110,10 +144,14 @@ class ControlNetTrainer(L.LightningModule):
         self.sd_locked = sd_locked
         self.prompt_dropout = prompt_dropout
         self.seed = seed
+        self.locked_dtype = locked_dtype
         self.model = instantiate_from_config(model_config)
         self.model.requires_grad_(False)
         for module in self.trainable_modules():
             module.requires_grad_(True)
+        if locked_dtype is not None:
+            for module in self.locked_modules():
+                module.to(LOCKED_DTYPES[locked_dtype])
         self.train()
 
     # ---- what trains ------------------------------------------------------------------------------
@@ -124,6 +162,13 @@ class ControlNetTrainer(L.LightningModule):
             unet = self.model.model.diffusion_model
             modules += [unet.output_blocks, unet.out]
         return modules
+
+    def locked_modules(self) -> list[nn.Module]:
+        """The frozen networks: the VAE, the text encoder and the UNet (without its decoder when not sd_locked)."""
+        unet = self.model.model.diffusion_model
+        trainable = self.trainable_modules()
+        frozen_unet = [unet] if self.sd_locked else [part for part in unet.children() if part not in trainable]
+        return [self.model.first_stage_model, self.model.cond_stage_model, *frozen_unet]
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         for module in self.trainable_modules():
@@ -141,8 +186,14 @@ class ControlNetTrainer(L.LightningModule):
 
     # ---- checkpoint contract ----------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The ControlLDM's state dict (original key layout, no prefix)."""
-        return self.model.state_dict(*args, **kwargs)
+        """The ControlLDM's state dict (original key layout, no prefix), all floating tensors fp32: the
+        locked parts stored in half precision are given as fp32 copies, made on their device (for SD
+        1.5, 4.4 GB more while a checkpoint is written)."""
+        state = self.model.state_dict(*args, **kwargs)
+        if self.locked_dtype is None:
+            return state
+        return type(state)((key, value.float() if value.is_floating_point() else value)
+                           for key, value in state.items())
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a ControlLDM state dict; strict loading explains a mismatch (keys, shapes, likely cause)."""
@@ -164,21 +215,40 @@ class ControlNetTrainer(L.LightningModule):
         seed = derived_seed(self.seed, self.global_step, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def conditioning(self, batch: Mapping[str, Any], prompts: list[str]) -> dict[str, list[torch.Tensor]]:
-        """{"c_crossattn": [context (B, 77, D)], "c_concat": [hint (B, 3, H, W) in [0, 1]]}."""
-        return {"c_crossattn": [self.model.get_learned_conditioning(prompts)],
-                "c_concat": [self._channels_first(batch["hint"])]}
+    def target_posterior(self, batch: Mapping[str, Any]) -> DiagonalGaussianDistribution:
+        """q(z | target) over unscaled latents (B, C, H/8, W/8), from a cached batch's moments or the VAE
+        encoder's for "jpg"; in fp32 whatever the VAE's dtype, so that latent samples, noise and loss
+        target are fp32 (and the same for both kinds of batch)."""
+        if CACHED_POSTERIOR in batch:
+            moments = batch[CACHED_POSTERIOR]
+        else:
+            moments = self.model.encode_first_stage(channels_first(batch["jpg"], self.device)).parameters
+        return DiagonalGaussianDistribution(moments.to(self.device, torch.float32))
 
-    def _channels_first(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) as the dataset gives them -> (B, 3, H, W) float on this module's device."""
-        return images.to(self.device).permute(0, 3, 1, 2).float()
+    def text_context(self, batch: Mapping[str, Any], prompts: Sequence[str]) -> torch.Tensor:
+        """The text encoder's output (B, T, D) for `prompts`, encoded now, or taken from a cached batch,
+        which holds it for each pair's own prompt (batch["txt"]) and for "" only."""
+        if CACHED_CONTEXT not in batch:
+            return self.model.get_learned_conditioning(list(prompts))
+        own = [prompt == pair_prompt for prompt, pair_prompt in zip(prompts, batch["txt"], strict=True)]
+        empty = [prompt == "" for prompt in prompts]
+        if not all(a or b for a, b in zip(own, empty, strict=True)):
+            raise ValueError('a cached batch holds the text contexts of its own prompts and of "" only')
+        use_empty = torch.tensor(empty, device=self.device).view(-1, 1, 1)
+        return torch.where(use_empty, batch[CACHED_EMPTY_CONTEXT].to(self.device),
+                           batch[CACHED_CONTEXT].to(self.device))
+
+    def conditioning(self, batch: Mapping[str, Any], prompts: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """{"c_crossattn": [context (B, T, D) of `prompts`], "c_concat": [hint (B, 3, H, W) in [0, 1]]}."""
+        return {"c_crossattn": [self.text_context(batch, prompts)],
+                "c_concat": [channels_first(batch["hint"], self.device)]}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        """batch: jpg (B, H, W, 3) in [-1, 1], txt list of B prompts, hint (B, H, W, 3) in [0, 1]."""
+        """batch: images or cached (see the module doc). The generator's draws, in this order: the VAE
+        posterior sample, prompt dropout, timesteps, noise."""
         generator = self.step_generator(batch_idx)
-        target = self._channels_first(batch["jpg"])
         with torch.no_grad():
-            z0 = self.model.get_first_stage_encoding(self.model.encode_first_stage(target), generator=generator)
+            z0 = self.model.get_first_stage_encoding(self.target_posterior(batch), generator=generator)
         batch_size = z0.shape[0]
         dropped = torch.rand(batch_size, generator=generator, device=self.device) < self.prompt_dropout
         prompts = ["" if drop else prompt for prompt, drop in zip(batch["txt"], dropped.tolist(), strict=True)]
@@ -202,15 +272,16 @@ class ControlNetTrainer(L.LightningModule):
     def log_images(self, batch: Mapping[str, Any], max_images: int = 4, ddim_steps: int = 50,
                    guidance_scale: float = 9.0, eta: float = 0.0,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Images of the first `max_images` pairs, each (N, 3, H, W) in [0, 1]: "reconstruction" (the
-        target through the VAE), "control" (the hint) and "samples" (DDIM with classifier-free guidance
-        against the "" prompt, the same hint in both branches, as the original's log)."""
+        """Images of the first `max_images` pairs of a batch of either kind, each (N, 3, H, W) in [0, 1]:
+        "reconstruction" (the target's posterior mean through the VAE decoder), "control" (the hint) and
+        "samples" (DDIM with classifier-free guidance against the "" prompt, the same hint in both
+        branches, as the original's log). With half-precision locked parts, call it under their autocast
+        (the ImageLogger uses the trainer's)."""
         n = min(max_images, len(batch["txt"]))
         batch = {key: value[:n] for key, value in batch.items()}
-        target = self._channels_first(batch["jpg"])
-        z0 = self.model.get_first_stage_encoding(self.model.encode_first_stage(target).mode())
+        z0 = self.model.get_first_stage_encoding(self.target_posterior(batch).mode())
         cond = self.conditioning(batch, list(batch["txt"]))
-        uncond = {"c_crossattn": [self.model.get_learned_conditioning([""] * n)], "c_concat": cond["c_concat"]}
+        uncond = {"c_crossattn": [self.text_context(batch, [""] * n)], "c_concat": cond["c_concat"]}
         sampler = DDIMSampler(self.model)
         samples, _ = sampler.sample(ddim_steps, n, tuple(z0.shape[1:]), cond, eta=eta,
                                     unconditional_guidance_scale=guidance_scale,
