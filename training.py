@@ -9,6 +9,8 @@ OUTPUT_DIR/checkpoints  step-XXXXXXXX.ckpt (every --checkpoint-every steps, the 
                         and last.ckpt (also written when the run stops); inference.py reads them alone.
 OUTPUT_DIR/samples      step-XXXXXXXX.png image grids (reconstruction, control, DDIM samples) + prompts
 OUTPUT_DIR/logs         csv/version_N/metrics.csv and tensorboard/version_N (one version per invocation)
+OUTPUT_DIR/latent_cache with --cache-latents: the targets' VAE encodings and the prompts' text encodings
+                        (cldm/latent_cache.py), reused while data and model are unchanged
 
 Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; the last
 good checkpoint stays), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
@@ -31,6 +33,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from cldm.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
+from cldm.latent_cache import LatentCacheDataModule, LatentCacheError
 from cldm.logger import ImageLogger
 from cldm.resumable_data import ResumableDataModule
 from cldm.training import ControlNetTrainer, NonFiniteLossError, load_initial_weights, training_model_config
@@ -55,6 +58,15 @@ DEFAULT_KEEP_CHECKPOINTS = 2
 # image's meaning by itself (needed for guess mode and for strong guidance); 0 is the original tutorial.
 DEFAULT_PROMPT_DROPOUT = 0.5
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+AUTO_PRECISION = "auto"
+# Native bf16 arithmetic on NVIDIA GPUs starts with compute capability 8.0 (Ampere: A100, RTX 30xx, L4, ...);
+# older ones (T4, V100) have fp16 tensor cores only.
+BF16_MIN_CAPABILITY = (8, 0)
+# The storage dtype of the locked parts under each mixed precision (ControlNetTrainer.locked_dtype). fp16
+# also for the VAE: under 16-mixed its convolutions already run in fp16 (autocast), so fp16 weights add no
+# overflow risk; a non-finite encoding stops the cache build or the step with a message.
+HALF_LOCKED_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+LATENT_CACHE_DIR = "latent_cache"
 # What the logged samples use (the original's log_images: DDIM 50 steps, guidance 9, "" uncond).
 DEFAULT_SAMPLE_DDIM_STEPS = 50
 SAMPLE_GUIDANCE = 9.0
@@ -81,6 +93,25 @@ def parse_duration(text: str) -> timedelta:
     if duration <= timedelta():
         raise argparse.ArgumentTypeError(f"{text!r}: the time limit must be positive")
     return duration
+
+
+def pick_precision(device_type: str, cuda_capability: tuple[int, int] | None = None) -> str:
+    """--precision auto: "bf16-mixed" on a CUDA GPU of compute capability 8.0 or newer, "16-mixed" on an
+    older CUDA GPU, "32" on anything else (CPU, MPS)."""
+    if device_type != "cuda":
+        return "32"
+    if cuda_capability is None:
+        raise ValueError("a CUDA device needs its compute capability to pick a precision")
+    return "bf16-mixed" if tuple(cuda_capability) >= BF16_MIN_CAPABILITY else "16-mixed"
+
+
+def auto_precision(accelerator: str) -> tuple[str, str]:
+    """(precision, what it was picked for) for the device that `--accelerator` gives on this machine."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        capability = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+        return pick_precision("cuda", capability), (f"{torch.cuda.get_device_name(0)}, compute capability "
+                                                    f"{capability[0]}.{capability[1]}")
+    return pick_precision("cpu"), "no CUDA GPU in use"
 
 
 def _positive_int(text: str) -> int:
@@ -133,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="short side scaled to this, then centre-cropped square (multiple of 64)")
     data.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=False,
                       help="crop a random window instead of the centre")
+    data.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=False,
+                      help="before training, VAE-encode every target once and text-encode every distinct prompt "
+                           "once, then train from that cache (same results; the photos are not read again and "
+                           "neither encoder runs per step). On disk: 128 KiB per image at 512 px plus 231 KiB per "
+                           "distinct prompt (SD 1.5; 308 KiB for SD 2.x). Not with --random-crop")
+    data.add_argument("--cache-dir", default=None,
+                      help="where --cache-latents keeps its cache (default: OUTPUT_DIR/latent_cache); rebuilt "
+                           "when the data, resolution, VAE, text encoder or precision change")
     data.add_argument("--prompt-dropout", type=_probability, default=DEFAULT_PROMPT_DROPOUT,
                       help="probability of training on the empty prompt (the paper: 0.5; the original "
                            "tutorial: 0)")
@@ -144,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
     train.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate")
-    train.add_argument("--precision", choices=PRECISIONS, default="32",
-                       help="32 as the original; bf16-mixed on Ampere or newer; 16-mixed on older GPUs")
+    train.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
+                       help="auto: bf16-mixed on CUDA GPUs with bf16 (compute capability 8.0+: A100, L4, RTX 30xx "
+                            "and newer), 16-mixed on older ones (T4, V100), 32 (the original's) on CPU and MPS")
+    train.add_argument("--half-locked", action=argparse.BooleanOptionalAction, default=True,
+                       help="under bf16-mixed / 16-mixed, store the locked UNet, VAE and text encoder in that dtype "
+                            "(the ControlNet keeps fp32 weights; checkpoints hold fp32); --no-half-locked keeps "
+                            "them fp32")
     train.add_argument("--accumulate-grad-batches", type=_positive_int, default=1,
                        help="batches per optimizer step")
     train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps in total (-1: no limit)")
@@ -186,6 +230,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resolution % RESOLUTION_MULTIPLE:
         parser.error(f"--resolution must be a multiple of {RESOLUTION_MULTIPLE} (the VAE and the UNet downsample "
                      f"by 64 in all), got {args.resolution}")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache-latents holds one (centre) crop of each target: it cannot train on --random-crop")
+    if args.cache_dir is not None and not args.cache_latents:
+        parser.error("--cache-dir is where --cache-latents keeps its cache: give --cache-latents too")
     if args.resume is None and args.init is None:
         parser.error("--init is required for a new run (the tool_add_control.py output); "
                      "or continue a run with --resume")
@@ -206,15 +254,17 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
     return path
 
 
-def build_module(args: argparse.Namespace, load_init: bool) -> ControlNetTrainer:
-    """The training system with the --init weights (unless the resumed checkpoint will provide them)."""
+def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> ControlNetTrainer:
+    """The training system with the --init weights (unless the resumed checkpoint will provide them), its
+    locked parts in half precision when `precision` (the trainer's) is mixed and --half-locked."""
     model_config = training_model_config(args.config, args.attention, args.gradient_checkpointing,
                                          args.only_mid_control)
     module = ControlNetTrainer(
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
-        seed=args.seed, config=str(args.config), init=args.init, data=str(args.data),
-        resolution=args.resolution, batch_size=args.batch_size, precision=args.precision,
-        accumulate_grad_batches=args.accumulate_grad_batches)
+        seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
+        config=str(args.config), init=args.init, data=str(args.data), resolution=args.resolution,
+        batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
+        cache_latents=args.cache_latents)
     if load_init:
         report = load_initial_weights(module.model, model_config, args.init)
         print(f"{args.init}: {report}")
@@ -250,26 +300,37 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     """
     args = parse_args(argv)
     L.seed_everything(args.seed, verbose=False)
+    if args.precision == AUTO_PRECISION:
+        args.precision, reason = auto_precision(args.accelerator)
+        print(f"--precision auto: {args.precision} ({reason})")
+    checkpoint = ResumableCheckpoint(Path(args.output_dir) / "checkpoints", args.checkpoint_every,
+                                     args.keep_checkpoints, args.max_time)
+    # Before the model: the precision Lightning really runs (16-mixed becomes bf16-mixed on CPU) decides
+    # the dtype of the locked parts.
+    trainer = build_trainer(args, checkpoint, callbacks)
     try:
         resume = resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         # The dataset first: a bad prompt.json should not wait for a 1.4 B-parameter model to load.
         dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop,
                                  seed=args.seed)
-        module = build_module(args, load_init=resume is None)
+        module = build_module(args, load_init=resume is None, precision=str(trainer.precision))
     except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    data = ResumableDataModule(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
-                               pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_interrupts_in_worker)
-    checkpoint = ResumableCheckpoint(Path(args.output_dir) / "checkpoints", args.checkpoint_every,
-                                     args.keep_checkpoints, args.max_time)
-    trainer = build_trainer(args, checkpoint, callbacks)
+    loader_options = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_interrupts_in_worker)
+    if args.cache_latents:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / LATENT_CACHE_DIR
+        data = LatentCacheDataModule(dataset, cache_dir, args.batch_size, args.seed, resume_checkpoint=resume,
+                                     **loader_options)
+    else:
+        data = ResumableDataModule(dataset, args.batch_size, args.seed, **loader_options)
     try:
         with warnings.catch_warnings():
             # The frozen VAE, text encoder and locked UNet are in eval mode on purpose.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    except (NonFiniteLossError, CheckpointError) as err:
+    except (NonFiniteLossError, CheckpointError, LatentCacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     reason = checkpoint.stop_reason
