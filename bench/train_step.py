@@ -2,12 +2,16 @@
 
     python -m bench.train_step --preset cpu          # mid-size model, 256 px, about a minute on 2 cores
     python -m bench.train_step --preset gpu          # SD 1.5 size, 256 and 512 px, bf16, + largest batch
+    python -m bench.train_step --preset gpu --cache-compare   # ours: encoders every step vs cached latents
 
 Ours is what the trainer does per step, without Lightning: ControlLDM.p_losses forward (latents given or
 VAE-encoded, text context precomputed), backward, AdamW on the ControlNet only (sd_locked); the locked
 UNet/VAE/text encoder stored in the autocast dtype, the ControlNet in fp32. The peer is diffusers'
 UNet2DConditionModel + ControlNetModel.from_unet trained as examples/controlnet/train_controlnet.py does.
 Each side runs in its own subprocess; the table gives the median step of each and ours/peer ratios.
+
+--cache-compare times our step twice instead: with the VAE encoder and the text encoder running every step
+(what training.py does by default) and from given latents and text contexts (training.py --cache-latents).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ PEER_MAX_GRAD_NORM = 1.0
 # SD 1.5 ControlNet training FLOPs per sample (the issue's figures, TFLOP): (resolution, VAE encoding).
 SD15_TFLOP_PER_SAMPLE = {(256, False): 0.78, (512, False): 2.3, (512, True): 3.4}
 SIDES = ("ours", "peer")
+# The prompt our step encodes when it runs the text encoder (--cache-compare): CLIP's cost does not depend on
+# the words, all prompts are padded to 77 tokens.
+BENCH_PROMPT = "a photo of a cat sitting on a wooden table, best quality, extremely detailed"
+CACHE_SIDES = ("encoders per step", "cached")
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Setting:
     batch: int
     encode_images: bool = False
     search_max_batch: bool = False
+    encode_text: bool = False  # ours only: run the text encoder every step (the peer's context is always given)
 
 
 @dataclass
@@ -117,7 +126,7 @@ def ours_train_side(job: dict[str, Any], device: torch.device) -> TrainSide:
     scaler = torch.amp.GradScaler(device.type, enabled=job["precision"] == "fp16")
 
     def step_for(batch: Batch) -> Callable[[], None]:
-        cond = {"c_crossattn": [batch.contexts], "c_concat": [batch.hints]}
+        prompts = [BENCH_PROMPT] * batch.size
 
         def step() -> None:
             with autocast(device, job["precision"]):
@@ -125,6 +134,9 @@ def ours_train_side(job: dict[str, Any], device: torch.device) -> TrainSide:
                     z0 = ldm.get_first_stage_encoding(ldm.encode_first_stage(batch.images))
                 else:
                     z0 = batch.latents
+                # Jobs written before encode_text existed give the context.
+                contexts = ldm.get_learned_conditioning(prompts) if job.get("encode_text") else batch.contexts
+                cond = {"c_crossattn": [contexts], "c_concat": [batch.hints]}
                 t = torch.randint(0, ldm.num_timesteps, (batch.size,), device=device)
                 loss, _ = ldm.p_losses(z0, cond, t)
             scaler.scale(loss).backward()
@@ -310,6 +322,46 @@ def run_preset(preset: Preset, sides: Sequence[str] = SIDES) -> list[Row]:
     return rows
 
 
+def run_cache_comparison(preset: Preset) -> list[Row]:
+    """Our step with the VAE encoder and text encoder every step against our step from cached latents and
+    text contexts, for every setting (its encode_images is ignored), in two interleaved workers."""
+    rows = []
+    for setting in preset.settings:
+        variants = {CACHE_SIDES[0]: replace(setting, encode_images=True, encode_text=True, search_max_batch=False),
+                    CACHE_SIDES[1]: replace(setting, encode_images=False, encode_text=False, search_max_batch=False)}
+        jobs = {}
+        for name, variant in variants.items():
+            jobs[name] = {**asdict(preset), **asdict(variant), "side": "ours"}
+            jobs[name].pop("settings")
+        results = run_interleaved("bench.train_step", jobs, preset.warmup, preset.steps)
+        for result in results.values():
+            if "median_step_s" in result:
+                result["samples_per_s"] = setting.batch / result["median_step_s"]
+        rows.append(Row(setting, results))
+    return rows
+
+
+def cache_report(preset: Preset, rows: Sequence[Row]) -> str:
+    """The table of `run_cache_comparison`: samples/s and peak memory of both steps, and the speed-up."""
+    memory = "CUDA peak" if torch.device(preset.device).type == "cuda" else "peak RSS"
+    encoders, cached = CACHE_SIDES
+    headers = ["res", "batch", f"{encoders} samples/s", f"{cached} samples/s", "speed-up",
+               f"{encoders} {memory} GiB", f"{cached} {memory} GiB"]
+    table, errors = [], []
+    for row in rows:
+        slow, fast = row.results.get(encoders, {}), row.results.get(cached, {})
+        errors += [f"{name} {row.setting}: {r['error']}" for name, r in row.results.items() if "error" in r]
+        table.append([row.setting.resolution, row.setting.batch, slow.get("samples_per_s"), fast.get("samples_per_s"),
+                      ratio(fast.get("samples_per_s"), slow.get("samples_per_s")), slow.get("peak_gib"),
+                      fast.get("peak_gib")])
+    device = next((r["device"] for row in rows for r in row.results.values() if "device" in r), preset.device)
+    header = (f"our train step: VAE encoder + text encoder every step vs cached latents and text contexts; preset "
+              f"model {preset.size}, {preset.precision}, attention {preset.attention}, checkpointing "
+              f"{'on' if preset.checkpointing else 'off'}; device: {device}; median of {preset.steps} interleaved "
+              f"steps after {preset.warmup} warm-up")
+    return "\n".join([header, format_table(headers, table), *errors])
+
+
 def report(preset: Preset, rows: Sequence[Row], peak_tflops: float | None) -> str:
     """The comparison table (and, for SD 1.5, achieved TFLOP/s and the fraction of the bf16 peak)."""
     memory = "CUDA peak" if torch.device(preset.device).type == "cuda" else "peak RSS"
@@ -372,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--cache-compare", action="store_true",
+                        help="time our step with the VAE and text encoders every step against our step from "
+                             "cached latents and text contexts (training.py --cache-latents), instead of ours vs peer")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's bf16 peak (default: looked up by name)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
@@ -402,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_job(json.loads(args.worker))
         return
     preset = preset_from_args(args)
+    if args.cache_compare:
+        print(cache_report(preset, run_cache_comparison(preset)))
+        return
     rows = run_preset(preset, args.sides)
     peak = args.peak_tflops or bf16_peak_tflops(torch.device(preset.device))
     print(report(preset, rows, peak))
