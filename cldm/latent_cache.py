@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,7 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     os.replace(temporary, cache_dir / FINGERPRINT_FILE)
 
 
-def _write_rows(path: Path, rows: int, batches: Any, what: str, encode: Callable[[Any], torch.Tensor],
+def _write_rows(path: Path, rows: int, batches: Iterable[Any], what: str, encode: Callable[[Any], torch.Tensor],
                 precision_context: Callable[[], AbstractContextManager], pairs: ControlDataset | None = None) -> None:
     """Write encode(batch) for each batch, in order, as float32 rows of a memory-mapped .npy of `rows`
     rows (its shape from the first batch); with `pairs`, a non-finite row names its target image."""
@@ -217,14 +217,18 @@ class LatentCache:
                 CACHED_EMPTY_CONTEXT: np.array(contexts[EMPTY_PROMPT_ROW])}
 
 
+def _check_cacheable(pairs: ControlDataset) -> None:
+    if pairs.random_crop or pairs.prompt_dropout:
+        raise ValueError("a latent cache holds one centre crop and the pairs' own prompts: use a ControlDataset "
+                         "without random_crop and prompt_dropout (ControlNetTrainer drops prompts itself)")
+
+
 class CachedControlDataset(Dataset):
     """The pairs of a ControlDataset as cached batches (cldm.training): items {posterior, context,
     empty_context, txt (the pair's prompt), hint (read from the control image)}. The photos are not read."""
 
     def __init__(self, pairs: ControlDataset, cache: LatentCache):
-        if pairs.random_crop or pairs.prompt_dropout:
-            raise ValueError("a latent cache holds one centre crop and the pairs' own prompts: use a ControlDataset "
-                             "without random_crop and prompt_dropout (ControlNetTrainer drops prompts itself)")
+        _check_cacheable(pairs)
         if len(cache) != len(pairs):
             raise LatentCacheError(f"{cache.cache_dir} holds {len(cache)} pairs, the dataset {pairs.root} has "
                                    f"{len(pairs)}: rebuild it with training.py --cache-latents")
@@ -249,8 +253,7 @@ class LatentCacheDataModule(ResumableDataModule):
 
     def __init__(self, pairs: ControlDataset, cache_dir: str | os.PathLike, batch_size: int, seed: int,
                  resume_checkpoint: str | os.PathLike | None = None, **loader_options: Any):
-        if pairs.random_crop:
-            raise ValueError("a latent cache holds one crop of each target: it cannot serve random crops")
+        _check_cacheable(pairs)  # before building, not after
         super().__init__(pairs, batch_size, seed, **loader_options)
         self.pairs = pairs
         self.cache_dir = Path(cache_dir)

@@ -188,7 +188,7 @@ class ControlNetTrainer(L.LightningModule):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The ControlLDM's state dict (original key layout, no prefix), all floating tensors fp32: the
         locked parts stored in half precision are given as fp32 copies, made on their device (for SD
-        1.5, 4.4 GB more while a checkpoint is written)."""
+        1.5, 4.3 GB more while a checkpoint is written)."""
         state = self.model.state_dict(*args, **kwargs)
         if self.locked_dtype is None:
             return state
