@@ -10,6 +10,10 @@
 5. inference.py on held-out edge maps                                 -> OUT/inference/
 6. evaluate.py's Canny F1 of the trained ControlNet and of the untrained (zero) one on the same base
                                                                       -> OUT/comparison.png, OUT/results.json
+The ControlNet trains with the base UNet's decoder unlocked (`--no-sd-locked`, the paper's advice for a small
+specialised domain): on this tiny model it follows the edges after 300 steps instead of ~600 (locked, 300 steps:
+F1 2.1x the zero ControlNet's; 600 steps: 3.6x; unlocked, 300 steps: 4.8x; 2-core CPU). So that the gain is
+not the tuned decoder's, the trained model is also scored with its control switched off ("trained, no control").
 Each step is the script's own `main(argv)`, as a user or a notebook would call it.
 """
 
@@ -71,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default=DEFAULT_BASE, help="the SD-like base checkpoint")
     parser.add_argument("--steps", type=int, default=300, help="ControlNet training steps")
     parser.add_argument("--fast", action="store_true", help="a short smoke run: fewer steps, images and pairs")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4, help="ControlNet learning rate (the original: 1e-5, "
-                                                               "for SD's size and thousands of steps)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3,
+                        help="ControlNet learning rate (the original's 1e-5 is for SD's size and thousands of "
+                             "steps; the tiny model follows the edges after a few hundred at this rate)")
+    parser.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep the base UNet's decoder locked (by default it trains with the ControlNet)")
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--heldout-images", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100, help="steps between logged Canny F1 scores")
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
           "--resolution", resolution, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
           "--max-steps", str(args.steps), "--seed", str(args.seed), "--output-dir", str(run_dir),
           "--logger-freq", str(args.steps), "--sample-ddim-steps", str(args.ddim_steps),
-          "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1"],
+          "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1",
+          "--sd-locked" if args.sd_locked else "--no-sd-locked"],
          callbacks=[monitor])
     trained = run_dir / "checkpoints" / "last.ckpt"
     training_seconds = time.perf_counter() - started
@@ -129,23 +137,28 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== evaluate: trained vs untrained (zero) ControlNet on the same base", flush=True)
     reports = {}
-    for name, checkpoint, config in (("zero", control_init, args.config), ("trained", trained, None)):
+    for name, checkpoint, config, control in (("zero", control_init, args.config, 1.0),
+                                              ("trained", trained, None, 1.0),
+                                              ("trained_no_control", trained, None, 0.0)):
         model, _ = load_for_inference(checkpoint, config)
+        model.control_scales = [control] * len(model.control_scales)
         reports[name] = control_fidelity(model, heldout_pairs, ddim_steps=args.ddim_steps,
                                          guidance_scale=args.scale, seed=args.seed)
-        print(f"{name:>7} ControlNet: {reports[name].summary()}")
+        print(f"{name:>18}: {reports[name].summary()}")
     grid = output / "comparison.png"
     evaluate.comparison_grid([reports["zero"], reports["trained"]]).save(grid)
     seconds = time.perf_counter() - started
     results = {name: evaluate.report_dict(report) for name, report in reports.items()}
-    results.update(steps=args.steps, seconds=round(seconds, 1), training_seconds=round(training_seconds, 1),
+    results.update(steps=args.steps, sd_locked=args.sd_locked, seconds=round(seconds, 1),
+                   training_seconds=round(training_seconds, 1),
                    f1_during_training=[list(entry) for entry in monitor.history])
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
     zero, trained_f1 = reports["zero"].f1, reports["trained"].f1
     ratio = trained_f1 / zero if zero > 0 else float("inf")
     print(f"\nCanny F1 on {len(heldout_pairs)} held-out pairs: trained ControlNet {trained_f1:.3f}, "
-          f"untrained (zero) ControlNet {zero:.3f} ({ratio:.1f}x), after {args.steps} steps")
+          f"untrained (zero) ControlNet {zero:.3f} ({ratio:.1f}x), after {args.steps} steps; the trained model "
+          f"with its control off: {reports['trained_no_control'].f1:.3f}")
     print(f"comparison grid (edge map | zero: generated, edges | trained: generated, edges): {grid}")
     print(f"samples: {output / 'inference'}/*/seed{args.seed}_grid.png; training grids: {run_dir / 'samples'}")
     print(f"scores: {output / 'results.json'}; total time {seconds / 60:.1f} min")

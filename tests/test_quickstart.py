@@ -1,0 +1,53 @@
+"""quickstart.py, the embedded default end to end (toy photos -> dataset -> add control -> train -> infer ->
+evaluate), as the README's first command runs it, with a shorter training: the trained ControlNet must
+follow the held-out edge maps clearly better than the untrained (zero) one on the same toy base."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 1500  # ~3 min on an idle 2-core machine; generous for a loaded CI runner
+# Issue 7 asks for 2x after the default run (300 steps); this shorter run must reach a lower bar.
+STEPS = 250
+MIN_RATIO = 1.5
+
+
+def test_quickstart_trained_controlnet_follows_the_edges(tmp_path):
+    output = tmp_path / "quickstart"
+    result = subprocess.run(
+        [sys.executable, "quickstart.py", "--output", str(output), "--steps", str(STEPS), "--train-images", "1000",
+         "--heldout-images", "24", "--eval-every", "125"],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scores = json.loads((output / "results.json").read_text())
+    trained, zero = scores["trained"], scores["zero"]
+    assert trained["pairs"] == zero["pairs"] == 24
+    assert trained["f1"] >= MIN_RATIO * zero["f1"], scores
+    assert trained["f1_tolerant"] > zero["f1_tolerant"]
+    # The gain is the ControlNet's, not the unlocked decoder's: with its control off the trained model is far
+    # from its controlled self.
+    assert trained["f1"] >= MIN_RATIO * scores["trained_no_control"]["f1"], scores
+    assert scores["sd_locked"] is False
+    # F1 was logged during training, at steps 125 and 250.
+    assert [entry[0] for entry in scores["f1_during_training"]] == [125, 250]
+    # The files the user is pointed to exist.
+    assert "Canny F1" in result.stdout and str(output / "comparison.png") in result.stdout
+    grid = Image.open(output / "comparison.png")
+    assert grid.size == (5 * 66 + 2, 8 * 66 + 2)  # edge map | zero: image, edges | trained: image, edges
+    assert len(list((output / "inference").glob("*/seed0_grid.png"))) == 2
+    assert (output / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (output / "data" / "train" / "prompt.json").is_file()
+
+
+def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, "quickstart.py", "--output", str(tmp_path), "--fast"], cwd=REPO,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0 and "not made by quickstart" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
