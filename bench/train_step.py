@@ -306,20 +306,23 @@ def tflop_per_sample(size: str, setting: Setting) -> float | None:
     return SD15_TFLOP_PER_SAMPLE.get((setting.resolution, setting.encode_images))
 
 
+def _measure(preset: Preset, setting: Setting, variants: dict[str, tuple[Setting, str]]) -> Row:
+    """One row: each named variant (its setting, and the side that runs it) in its own subprocess, the
+    steps of all of them interleaved."""
+    jobs = {}
+    for name, (variant, side) in variants.items():
+        jobs[name] = {**asdict(preset), **asdict(variant), "side": side}
+        jobs[name].pop("settings")
+    results = run_interleaved("bench.train_step", jobs, preset.warmup, preset.steps)
+    for result in results.values():
+        if "median_step_s" in result:
+            result["samples_per_s"] = setting.batch / result["median_step_s"]
+    return Row(setting, results)
+
+
 def run_preset(preset: Preset, sides: Sequence[str] = SIDES) -> list[Row]:
     """Both sides of every setting, each in its own subprocess, their steps interleaved."""
-    rows = []
-    for setting in preset.settings:
-        jobs = {}
-        for side in sides:
-            jobs[side] = {**asdict(preset), **asdict(setting), "side": side}
-            jobs[side].pop("settings")
-        results = run_interleaved("bench.train_step", jobs, preset.warmup, preset.steps)
-        for result in results.values():
-            if "median_step_s" in result:
-                result["samples_per_s"] = setting.batch / result["median_step_s"]
-        rows.append(Row(setting, results))
-    return rows
+    return [_measure(preset, setting, {side: (setting, side) for side in sides}) for setting in preset.settings]
 
 
 def run_cache_comparison(preset: Preset) -> list[Row]:
@@ -327,17 +330,9 @@ def run_cache_comparison(preset: Preset) -> list[Row]:
     text contexts, for every setting (its encode_images is ignored), in two interleaved workers."""
     rows = []
     for setting in preset.settings:
-        variants = {CACHE_SIDES[0]: replace(setting, encode_images=True, encode_text=True, search_max_batch=False),
-                    CACHE_SIDES[1]: replace(setting, encode_images=False, encode_text=False, search_max_batch=False)}
-        jobs = {}
-        for name, variant in variants.items():
-            jobs[name] = {**asdict(preset), **asdict(variant), "side": "ours"}
-            jobs[name].pop("settings")
-        results = run_interleaved("bench.train_step", jobs, preset.warmup, preset.steps)
-        for result in results.values():
-            if "median_step_s" in result:
-                result["samples_per_s"] = setting.batch / result["median_step_s"]
-        rows.append(Row(setting, results))
+        encoding = replace(setting, encode_images=True, encode_text=True, search_max_batch=False)
+        cached = replace(setting, encode_images=False, encode_text=False, search_max_batch=False)
+        rows.append(_measure(preset, setting, {CACHE_SIDES[0]: (encoding, "ours"), CACHE_SIDES[1]: (cached, "ours")}))
     return rows
 
 
