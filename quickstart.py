@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "steps; the tiny model follows the edges after a few hundred at this rate)")
     parser.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=False,
                         help="keep the base UNet's decoder locked (by default it trains with the ControlNet)")
+    parser.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=True,
+                        help="encode the targets and prompts once before training (training.py --cache-latents)")
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--heldout-images", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=100, help="steps between logged Canny F1 scores")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
           "--max-steps", str(args.steps), "--seed", str(args.seed), "--output-dir", str(run_dir),
           "--logger-freq", str(args.steps), "--sample-ddim-steps", str(args.ddim_steps),
           "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1",
-          "--sd-locked" if args.sd_locked else "--no-sd-locked"],
+          "--sd-locked" if args.sd_locked else "--no-sd-locked",
+          "--cache-latents" if args.cache_latents else "--no-cache-latents"],
          callbacks=[monitor])
     trained = run_dir / "checkpoints" / "last.ckpt"
     training_seconds = time.perf_counter() - started
@@ -149,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.comparison_grid([reports["zero"], reports["trained"]]).save(grid)
     seconds = time.perf_counter() - started
     results = {name: evaluate.report_dict(report) for name, report in reports.items()}
-    results.update(steps=args.steps, sd_locked=args.sd_locked, seconds=round(seconds, 1),
-                   training_seconds=round(training_seconds, 1),
+    results.update(steps=args.steps, sd_locked=args.sd_locked, cache_latents=args.cache_latents,
+                   seconds=round(seconds, 1), training_seconds=round(training_seconds, 1),
                    f1_during_training=[list(entry) for entry in monitor.history])
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
