@@ -128,6 +128,9 @@ def test_training_inference_notebook_trains_shows_infers_and_resumes(prepared, t
     for index in range(EDGE_MAPS):
         assert (tmp_path / "work" / "inference" / str(index) / "seed0_grid.png").is_file()
     assert logged_steps(run_dir) == [0, 1, 2, 3]
+    # Trained from the latent cache, on the local disk (CACHE_LATENTS defaults to True).
+    assert f"latent cache: building {tmp_path / 'work' / 'latent_cache'}" in stdout(first)
+    assert (tmp_path / "work" / "latent_cache" / "fingerprint.json").is_file()
 
     # A fresh local disk (new WORK_DIR), the same RUN_DIR: training continues from last.ckpt.
     resumed = execute(TRAIN, REPO, {**SMALL_TRAINING, "WORK_DIR": str(tmp_path / "work_after_disconnect"),
@@ -137,6 +140,7 @@ def test_training_inference_notebook_trains_shows_infers_and_resumes(prepared, t
     assert not list((tmp_path / "work_after_disconnect").glob("*_control_init.safetensors"))
     assert logged_steps(run_dir) == list(range(RESUMED_STEPS))
     assert (run_dir / "samples" / "step-00000006.png").is_file()
+    assert f"latent cache: building {tmp_path / 'work_after_disconnect' / 'latent_cache'}" in stdout(resumed)
 
 
 # ---- the notebooks as files -------------------------------------------------------------------------
