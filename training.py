@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under bf16-mixed / 16-mixed, store the locked UNet, VAE and text encoder in that dtype "
                             "(the ControlNet keeps fp32 weights; checkpoints hold fp32); --no-half-locked keeps "
                             "them fp32")
+    train.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                       help="AdamW's fused kernel on CUDA and CPU (the same update, fewer kernel launches)")
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="keep the model in NHWC memory format: faster convolutions on CPUs (oneDNN; "
+                            "bench/train_step.py's cpu preset) and often on GPUs with mixed precision (cuDNN)")
     train.add_argument("--accumulate-grad-batches", type=_positive_int, default=1,
                        help="batches per optimizer step")
     train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps in total (-1: no limit)")
@@ -262,7 +267,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
     module = ControlNetTrainer(
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
-        config=str(args.config), init=args.init, data=str(args.data), resolution=args.resolution,
+        fused_adamw=args.fused_adamw, channels_last=args.channels_last, config=str(args.config), init=args.init,
+        data=str(args.data), resolution=args.resolution,
         batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
         cache_latents=args.cache_latents)
     if load_init:

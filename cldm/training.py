@@ -47,6 +47,8 @@ from ldm.modules.attention import AttentionKind
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
+# Devices with PyTorch's fused AdamW kernel (the fp32 trainable weights qualify).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 # Values allowed in hyper_parameters: what torch.load(weights_only=True) reads back.
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 # Keys of a cached batch (see the module doc).
@@ -121,14 +123,17 @@ class ControlNetTrainer(L.LightningModule):
     learning_rate: AdamW's, as the original (1e-5). sd_locked: False also trains the UNet decoder
     (`output_blocks`, `out`). prompt_dropout: probability of replacing a prompt by "" (the paper: 0.5).
     seed: of the per-step generators. locked_dtype: None (fp32), "bfloat16" or "float16": the storage
-    dtype of the locked parts (see the module doc; train under autocast of that dtype).
-    training_options: plain values recorded in the checkpoint only.
+    dtype of the locked parts (see the module doc; train under autocast of that dtype). fused_adamw: AdamW's
+    fused kernel (one launch for all parameters) on CUDA and CPU; elsewhere the default implementation.
+    channels_last: the whole model in NHWC memory format (oneDNN and cuDNN convolutions prefer it; the
+    dataset's HWC images are already NHWC once permuted). training_options: plain values recorded in the
+    checkpoint only.
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
 
     def __init__(self, model_config: Mapping[str, Any], learning_rate: float = 1e-5, sd_locked: bool = True,
                  prompt_dropout: float = 0.0, seed: int = 0, locked_dtype: str | None = None,
-                 **training_options: Any):
+                 fused_adamw: bool = True, channels_last: bool = False, **training_options: Any):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
@@ -145,7 +150,10 @@ class ControlNetTrainer(L.LightningModule):
         self.prompt_dropout = prompt_dropout
         self.seed = seed
         self.locked_dtype = locked_dtype
+        self.fused_adamw = fused_adamw
         self.model = instantiate_from_config(model_config)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.model.requires_grad_(False)
         for module in self.trainable_modules():
             module.requires_grad_(True)
@@ -182,7 +190,8 @@ class ControlNetTrainer(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(list(self.trainable_parameters()), lr=self.learning_rate)
+        fused = self.fused_adamw and self.device.type in FUSED_ADAMW_DEVICES
+        return torch.optim.AdamW(list(self.trainable_parameters()), lr=self.learning_rate, fused=fused or None)
 
     # ---- checkpoint contract ----------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
