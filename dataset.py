@@ -132,6 +132,16 @@ def _size_mismatch(entry: PromptEntry, source_size: Size, target_size: Size) -> 
                         f"{target_size[0]}x{target_size[1]}; a control image must match its photo")
 
 
+def _target_values(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [-1, 1], the range the VAE encodes."""
+    return pixels.astype(np.float32) / (UINT8_MAX / 2) - 1.0
+
+
+def _hint_values(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [0, 1], the range of control images."""
+    return pixels.astype(np.float32) / UINT8_MAX
+
+
 class ControlDataset(Dataset):
     """Training pairs of a dataset folder, as the original's `dict(jpg, txt, hint)` (see the module doc).
 
@@ -174,25 +184,29 @@ class ControlDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
         entry = self.entries[index]
-        # The decompression-bomb limit is for untrusted input; a dataset folder has been built already.
-        target = read_image_rgb(self.root / entry.target, max_pixels=None).pixels
-        source = read_image_rgb(self.root / entry.source, max_pixels=None).pixels
+        target, source = self._read(entry.target), self._read(entry.source)
         if target.shape != source.shape:
             raise _size_mismatch(entry, source.shape[1::-1], target.shape[1::-1])
         drop_draw, offset = self._draws(index)
         prompt = "" if drop_draw < self.prompt_dropout else entry.prompt
-        return dict(
-            jpg=self._fit(target, offset).astype(np.float32) / (UINT8_MAX / 2) - 1.0,
-            txt=prompt,
-            hint=self._fit(source, offset).astype(np.float32) / UINT8_MAX,
-        )
+        return dict(jpg=_target_values(self._fit(target, offset)), txt=prompt,
+                    hint=_hint_values(self._fit(source, offset)))
 
     def hint(self, index: int) -> np.ndarray:
         """Item `index`'s "hint" alone, reading only the control image: float32 (H, W, 3) in [0, 1], the
         crop __getitem__ cuts (a random one repeats only with a seed). For training from cached target
         latents (cldm.latent_cache), which never reads the photos."""
-        source = read_image_rgb(self.root / self.entries[index].source, max_pixels=None).pixels
-        return self._fit(source, self._draws(index)[1]).astype(np.float32) / UINT8_MAX
+        return _hint_values(self._fit(self._read(self.entries[index].source), self._draws(index)[1]))
+
+    def target(self, index: int) -> np.ndarray:
+        """Item `index`'s "jpg" alone, reading only the photo: float32 (H, W, 3) in [-1, 1], the crop
+        __getitem__ cuts. For building a latent cache, which never needs the control images."""
+        return _target_values(self._fit(self._read(self.entries[index].target), self._draws(index)[1]))
+
+    def _read(self, relative: str) -> np.ndarray:
+        """uint8 (H, W, 3) RGB of ROOT/relative. The decompression-bomb limit is for untrusted input; a
+        dataset folder has been built already."""
+        return read_image_rgb(self.root / relative, max_pixels=None).pixels
 
     def _fit(self, pixels: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
         """uint8 (H, W, 3) scaled and cropped to the resolution at `offset` (unchanged without one)."""

@@ -143,11 +143,11 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     for encoder in encoders:
         encoder.to(device)
     try:
-        def encode_targets(batch: Mapping[str, Any]) -> torch.Tensor:
+        def encode_targets(targets: torch.Tensor) -> torch.Tensor:
             # As ControlNetTrainer.target_posterior encodes them: the same layout gives the same numbers.
-            return model.encode_first_stage(channels_first(batch["jpg"], device)).parameters
+            return model.encode_first_stage(channels_first(targets, device)).parameters
 
-        loader = DataLoader(pairs, batch_size=batch_size, shuffle=False, **loader_options)
+        loader = DataLoader(_Targets(pairs), batch_size=batch_size, shuffle=False, **loader_options)
         _write_rows(cache_dir / POSTERIOR_FILE, len(pairs), loader, "targets", encode_targets, precision_context,
                     pairs)
         chunks = [distinct[start:start + TEXT_BATCH_SIZE] for start in range(0, len(distinct), TEXT_BATCH_SIZE)]
@@ -159,6 +159,19 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     temporary = cache_dir / (FINGERPRINT_FILE + ".tmp")
     temporary.write_text(json.dumps(dict(fingerprint), indent=1) + "\n", encoding="utf-8")
     os.replace(temporary, cache_dir / FINGERPRINT_FILE)
+
+
+class _Targets(Dataset):
+    """The target images of `pairs` alone ("jpg" of each item; the control images are not read)."""
+
+    def __init__(self, pairs: ControlDataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.pairs.target(index)
 
 
 def _write_rows(path: Path, rows: int, batches: Iterable[Any], what: str, encode: Callable[[Any], torch.Tensor],

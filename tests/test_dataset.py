@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from annotator.image_io import UnreadableImageError
 from annotator.util import resize_and_crop
 from dataset import (
     HINT_RANGE,
@@ -97,6 +98,21 @@ def test_random_crops_cut_target_and_source_alike(root):
                                        atol=1e-3)
             windows.add((index, item["jpg"].tobytes()))
     assert len(windows) > PAIRS  # the windows moved between epochs
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_target_and_hint_alone_are_the_items_parts(root, tmp_path, random_crop):
+    data = ControlDataset(root, resolution=RESOLUTION, random_crop=random_crop, seed=0)
+    data.set_epoch(1)
+    for index in range(PAIRS):
+        item = data[index]
+        np.testing.assert_array_equal(data.target(index), item["jpg"])
+        np.testing.assert_array_equal(data.hint(index), item["hint"])
+    # Each reads its own file only.
+    (root / "source").rename(tmp_path / "source_away")
+    np.testing.assert_array_equal(data.target(0), data.target(0))
+    with pytest.raises(UnreadableImageError, match="not a regular file"):
+        data.hint(0)
 
 
 def test_native_size_needs_one_size(root, tmp_path):
