@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = FidelityCallback(heldout_pairs[:CALLBACK_PAIRS], every_n_steps=args.eval_every,
                                ddim_steps=args.ddim_steps, guidance_scale=args.scale, seed=args.seed)
     run_dir = output / "run"
+    training_started = time.perf_counter()
     _run("training", training.main,
          ["--config", args.config, "--init", str(control_init), "--data", str(data["train"]),
           "--resolution", resolution, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           "--cache-latents" if args.cache_latents else "--no-cache-latents"],
          callbacks=[monitor])
     trained = run_dir / "checkpoints" / "last.ckpt"
-    training_seconds = time.perf_counter() - started
+    training_seconds = time.perf_counter() - training_started
 
     heldout_prompts = [json.loads(line)["prompt"]
                        for line in (data["heldout"] / "prompt.json").read_text(encoding="utf-8").splitlines()]
@@ -140,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== evaluate: trained vs untrained (zero) ControlNet on the same base", flush=True)
     reports = {}
-    for name, checkpoint, config, control in (("zero", control_init, args.config, 1.0),
-                                              ("trained", trained, None, 1.0),
-                                              ("trained_no_control", trained, None, 0.0)):
-        model, _ = load_for_inference(checkpoint, config)
+    zero_model, _ = load_for_inference(control_init, args.config)
+    trained_model, _ = load_for_inference(trained)
+    for name, model, control in (("zero", zero_model, 1.0), ("trained", trained_model, 1.0),
+                                 ("trained_no_control", trained_model, 0.0)):
         model.control_scales = [control] * len(model.control_scales)
         reports[name] = control_fidelity(model, heldout_pairs, ddim_steps=args.ddim_steps,
                                          guidance_scale=args.scale, seed=args.seed)
