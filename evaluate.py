@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds
-from cldm.fidelity import (
+from cldm.inference_loading import load_for_inference
+from dataset import ControlDataset, DatasetError
+from evaluation.fidelity import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DDIM_STEPS,
     DEFAULT_GUIDANCE_SCALE,
@@ -35,8 +37,6 @@ from cldm.fidelity import (
     Pair,
     control_fidelity,
 )
-from cldm.inference_loading import load_for_inference
-from dataset import ControlDataset, DatasetError
 from ldm.checkpoint import CheckpointError
 
 DEFAULT_MAX_PAIRS = 64

@@ -33,11 +33,11 @@ import inference
 import prepare_dataset
 import tool_add_control
 import training
-from cldm.fidelity import DEFAULT_GUIDANCE_SCALE, control_fidelity
-from cldm.fidelity_callback import FidelityCallback
 from cldm.inference_loading import load_for_inference
+from evaluation.fidelity import DEFAULT_GUIDANCE_SCALE, control_fidelity
 from toy.photos import write_toy_photos
 from toy.shapes import DEFAULT_RESOLUTION
+from trainer.fidelity_callback import FidelityCallback
 
 DEFAULT_OUTPUT = "outputs/quickstart"
 DEFAULT_CONFIG = "models/cldm_toy.yaml"

@@ -10,7 +10,7 @@ OUTPUT_DIR/checkpoints  step-XXXXXXXX.ckpt (every --checkpoint-every steps, the 
 OUTPUT_DIR/samples      step-XXXXXXXX.png image grids (reconstruction, control, DDIM samples) + prompts
 OUTPUT_DIR/logs         csv/version_N/metrics.csv and tensorboard/version_N (one version per invocation)
 OUTPUT_DIR/latent_cache with --cache-latents: the targets' VAE encodings and the prompts' text encodings
-                        (cldm/latent_cache.py), reused while data and model are unchanged
+                        (trainer/latent_cache.py), reused while data and model are unchanged
 
 Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; the last
 good checkpoint stays), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
@@ -32,14 +32,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cldm.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
-from cldm.latent_cache import LatentCacheDataModule, LatentCacheError
-from cldm.logger import ImageLogger
-from cldm.resumable_data import ResumableDataModule
-from cldm.training import ControlNetTrainer, NonFiniteLossError, load_initial_weights, training_model_config
 from dataset import ControlDataset, DatasetError
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention import ATTENTION_KINDS
+from trainer.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
+from trainer.latent_cache import LatentCacheDataModule, LatentCacheError
+from trainer.logger import ImageLogger
+from trainer.module import ControlNetTrainer, NonFiniteLossError, load_initial_weights, training_model_config
+from trainer.resumable_data import ResumableDataModule
 
 # Defaults of the original (tutorial_train.py, docs/train.md) unless noted.
 DEFAULT_CONFIG = "models/cldm_v15.yaml"

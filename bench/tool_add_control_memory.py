@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.lazy_checkpoint import TensorSpec, write_safetensors
+from ldm.lazy_checkpoint import TensorSpec, write_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
 SD15_MANIFEST = REPO / "tests" / "data" / "reference" / "sd15_state_dict.json"

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from cldm.lazy_checkpoint import TORCH_SUFFIXES, LazyCheckpoint, TensorSpec, open_lazy, write_safetensors
 from cldm.model import load_config
 from ldm.checkpoint import CONTROL_PREFIX, EMA_PREFIX, CheckpointError, load_weights
+from ldm.lazy_checkpoint import TORCH_SUFFIXES, LazyCheckpoint, TensorSpec, open_lazy, write_safetensors
 from ldm.util import instantiate_from_config
 
 # The original's renaming rule: control_<rest> is copied from model.diffusion_<rest>.

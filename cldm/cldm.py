@@ -148,8 +148,9 @@ class ControlLDM(LatentDiffusion):
     """Latent diffusion whose denoiser is the locked UNet steered by a ControlNet.
 
     cond for `apply_model`: {"c_crossattn": [context (B, 77, D)], "c_concat": [hint (B, 3, H, W) in [0, 1]]
-    or None}. `control_scales` multiplies each residual (guess mode / strength); `only_mid_control` adds
-    only the middle one.
+    or None}. Control strength is an argument of `apply_model` (diffusers' `conditioning_scale`); the
+    `control_scales` attribute is only its default, kept for the original's scripts (all ones: training).
+    `only_mid_control` adds only the middle residual.
     """
 
     def __init__(self, control_stage_config: Mapping, control_key: str = "hint", only_mid_control: bool = False,
@@ -160,7 +161,13 @@ class ControlLDM(LatentDiffusion):
         self.only_mid_control = only_mid_control
         self.control_scales: list[float] = [1.0] * self.control_model.num_controls
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                    control_scales: float | Sequence[float] | None = None) -> torch.Tensor:
+        """The locked UNet's output (eps or v, (B, C, h, w)) with the ControlNet's residuals added.
+
+        control_scales: one strength for every residual, or one per residual (the ControlNet's outputs in
+        order, the middle block last; e.g. guess mode's decay); None: the `control_scales` attribute.
+        """
         context = _concat(cond["c_crossattn"])
         unet = self.model.diffusion_model
         hints = cond.get("c_concat")
@@ -168,13 +175,21 @@ class ControlLDM(LatentDiffusion):
             return unet(x_noisy, timesteps=t, context=context, control=None,
                         only_mid_control=self.only_mid_control)
         control = self.control_model(x=x_noisy, hint=_concat(hints), timesteps=t, context=context)
-        if len(self.control_scales) < len(control):
-            raise ValueError(f"control_scales has {len(self.control_scales)} entries, the ControlNet gives "
-                             f"{len(control)} residuals")
-        # Like the original, extra scales are ignored: a list written for SD's 13 controls also works on a
-        # smaller ControlNet (only its first entries are used). A scale of 1 (training) costs no copy.
-        control = [c if scale == 1.0 else c * scale for c, scale in zip(control, self.control_scales, strict=False)]
+        scales = _per_residual(self.control_scales if control_scales is None else control_scales, len(control))
+        # A scale of 1 (training) costs no copy.
+        control = [c if scale == 1.0 else c * scale for c, scale in zip(control, scales, strict=True)]
         return unet(x_noisy, timesteps=t, context=context, control=control, only_mid_control=self.only_mid_control)
+
+
+def _per_residual(scales: float | Sequence[float], num_controls: int) -> list[float]:
+    """One scale per residual. Like the original, extra entries are ignored: a list written for SD's 13
+    controls also works on a smaller ControlNet (only its first entries are used)."""
+    if isinstance(scales, (int, float)):
+        return [float(scales)] * num_controls
+    scales = list(scales)
+    if len(scales) < num_controls:
+        raise ValueError(f"control_scales has {len(scales)} entries, the ControlNet gives {num_controls} residuals")
+    return scales[:num_controls]
 
 
 def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,7 @@
 - "control-only": only the ControlNet, as `control_model.*` keys or the same keys without that prefix
   (e.g. ControlNet 1.1 releases, training exports), plus an SD checkpoint for everything else.
 
-Tensors are read through `cldm.lazy_checkpoint` (`.ckpt` files are memory-mapped), so loading holds the
+Tensors are read through `ldm.lazy_checkpoint` (`.ckpt` files are memory-mapped), so loading holds the
 model plus at most the file's pages, not two in-memory copies.
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from cldm.lazy_checkpoint import LazyCheckpoint, open_lazy
 from cldm.model import load_config
 from ldm.checkpoint import CONTROL_PREFIX, UNET_PREFIX, CheckpointError, load_weights
+from ldm.lazy_checkpoint import LazyCheckpoint, open_lazy
 from ldm.util import instantiate_from_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "models" / "cldm_v15.yaml"

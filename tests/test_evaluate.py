@@ -17,15 +17,15 @@ from PIL import Image
 import evaluate
 import prepare_dataset
 from annotator import canny
-from cldm.edge_metrics import EdgeCounts, edge_counts, edge_f1, edge_ssim, ssim
-from cldm.fidelity import control_fidelity
-from cldm.fidelity_callback import FidelityCallback
 from cldm.model import load_config
-from cldm.training import ControlNetTrainer
+from evaluation.edge_metrics import EdgeCounts, edge_counts, edge_f1, edge_ssim, ssim
+from evaluation.fidelity import control_fidelity
 from ldm.checkpoint import load_weights
 from tests.reference import TINY_CONFIG, TINY_WEIGHTS, tiny_weights
 from toy.photos import write_photo_folder
 from toy.shapes import Scene, render
+from trainer.fidelity_callback import FidelityCallback
+from trainer.module import ControlNetTrainer
 
 
 def _outline(scene: Scene) -> np.ndarray:

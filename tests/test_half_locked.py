@@ -14,9 +14,7 @@ import pytest
 import torch
 
 import training
-from cldm.fidelity_callback import FidelityCallback
 from cldm.inference_loading import load_for_inference
-from cldm.training import training_model_config
 from tests.reference import TINY_CONFIG
 from tests.test_training import (  # noqa: F401  (init_path is a fixture)
     AtStep,
@@ -28,6 +26,8 @@ from tests.test_training import (  # noqa: F401  (init_path is a fixture)
     tool_add_control_init,
     train_args,
 )
+from trainer.fidelity_callback import FidelityCallback
+from trainer.module import training_model_config
 
 STEPS = 4
 BF16 = ("--precision", "bf16-mixed")

@@ -1,4 +1,4 @@
-"""--cache-latents (cldm/latent_cache.py) on the tiny model (CPU): training from the cache equals training
+"""--cache-latents (trainer/latent_cache.py) on the tiny model (CPU): training from the cache equals training
 without it, never reads the photos nor runs the VAE encoder or text encoder in a step, is rebuilt exactly
 when its inputs change, resumes exactly, and works with DataLoader workers and the sample-grid logger."""
 
@@ -19,19 +19,6 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 import training
-from cldm.latent_cache import (
-    CONTEXTS_FILE,
-    FINGERPRINT_FILE,
-    POSTERIOR_FILE,
-    CachedControlDataset,
-    LatentCache,
-    LatentCacheError,
-    build_latent_cache,
-    latent_cache_fingerprint,
-    stale_reason,
-)
-from cldm.logger import ImageLogger
-from cldm.training import ControlNetTrainer, channels_first, training_model_config
 from dataset import ControlDataset
 from ldm.checkpoint import load_weights
 from tests.reference import TINY_CONFIG
@@ -46,6 +33,19 @@ from tests.test_training import (  # noqa: F401  (init_path is a fixture)
     tool_add_control_init,
     train_args,
 )
+from trainer.latent_cache import (
+    CONTEXTS_FILE,
+    FINGERPRINT_FILE,
+    POSTERIOR_FILE,
+    CachedControlDataset,
+    LatentCache,
+    LatentCacheError,
+    build_latent_cache,
+    latent_cache_fingerprint,
+    stale_reason,
+)
+from trainer.logger import ImageLogger
+from trainer.module import ControlNetTrainer, channels_first, training_model_config
 
 CACHE = "latent_cache"
 STEPS = 4  # four pairs, batch 2: two epochs, so the shuffled order and the prompt dropout vary

@@ -18,7 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
-from cldm.checkpointing import LAST
+from trainer.checkpointing import LAST
 
 REPO = Path(__file__).resolve().parent.parent
 PREPARE = REPO / "notebooks" / "part1_1_prepare_dataset.ipynb"

@@ -7,7 +7,6 @@ import torch
 
 import training
 from cldm.inference_loading import load_for_inference
-from cldm.training import ControlNetTrainer, training_model_config
 from tests.reference import TINY_CONFIG
 from tests.test_training import (  # noqa: F401  (init_path and four_pairs are fixtures)
     four_pairs,
@@ -16,6 +15,7 @@ from tests.test_training import (  # noqa: F401  (init_path and four_pairs are f
     read_training_checkpoint,
     train_args,
 )
+from trainer.module import ControlNetTrainer, training_model_config
 
 STEPS = 4
 # Kernel choice only (fused vs foreach AdamW, NHWC vs NCHW convolutions): float rounding, nothing more.

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tool_add_control
-from cldm.lazy_checkpoint import TensorSpec, open_lazy, write_safetensors
 from cldm.model import create_model
 from ldm.checkpoint import CONTROL_PREFIX, load_weights
+from ldm.lazy_checkpoint import TensorSpec, open_lazy, write_safetensors
 from tests.reference import TINY, TINY_CONFIG, tiny_weights
 
 REPO = Path(__file__).resolve().parent.parent

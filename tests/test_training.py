@@ -23,15 +23,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 import training
-from cldm import checkpointing
-from cldm.checkpointing import LAST
-from cldm.logger import ImageLogger
-from cldm.resumable_data import EpochOrder, ResumableDataLoader
-from cldm.training import ControlNetTrainer, load_initial_weights, training_model_config
 from dataset import ControlDataset
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
 from ldm.util import instantiate_from_config
 from tests.reference import TINY, TINY_CONFIG, tiny_vectors, tiny_weights
+from trainer import checkpointing
+from trainer.checkpointing import LAST
+from trainer.logger import ImageLogger
+from trainer.module import ControlNetTrainer, load_initial_weights, training_model_config
+from trainer.resumable_data import EpochOrder, ResumableDataLoader
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 64  # the tiny VAE: 64 px -> 8x8 latents
@@ -223,7 +223,7 @@ def uninterrupted(tmp_path_factory, init_path, four_pairs) -> Path:
 
 
 class FakeClock:
-    """Stands in for time.monotonic in cldm.checkpointing: the test decides when time runs out."""
+    """Stands in for time.monotonic in trainer.checkpointing: the test decides when time runs out."""
 
     def __init__(self):
         self.now = 0.0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from annotator.canny import canny
-from cldm.edge_metrics import EdgeCounts, edge_counts
+from evaluation.edge_metrics import EdgeCounts, edge_counts
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from toy.classify import read_scene

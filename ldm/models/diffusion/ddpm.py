@@ -5,7 +5,7 @@ conditioned on text through a frozen encoder.
 checkpoint layout of CompVis/lllyasviel (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.*`, the schedule buffers and `logvar`). It knows how to noise (`q_sample`), how to
 call the denoiser (`apply_model`) and the training loss (`p_losses`). Sampling lives in
-`ldm.models.diffusion.ddim`; the Lightning training system lives in `cldm.training`.
+`ldm.models.diffusion.ddim`; the Lightning training system lives in `trainer.module`.
 """
 
 from __future__ import annotations

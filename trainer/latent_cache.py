@@ -45,8 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cldm.resumable_data import ResumableDataModule
-from cldm.training import (
+from dataset import PROMPT_FILE, ControlDataset
+from trainer.module import (
     CACHED_CONTEXT,
     CACHED_EMPTY_CONTEXT,
     CACHED_POSTERIOR,
@@ -54,7 +54,7 @@ from cldm.training import (
     channels_first,
     load_initial_weights,
 )
-from dataset import PROMPT_FILE, ControlDataset
+from trainer.resumable_data import ResumableDataModule
 
 CACHE_FORMAT = 1
 POSTERIOR_FILE = "posterior.npy"
@@ -237,7 +237,7 @@ def _check_cacheable(pairs: ControlDataset) -> None:
 
 
 class CachedControlDataset(Dataset):
-    """The pairs of a ControlDataset as cached batches (cldm.training): items {posterior, context,
+    """The pairs of a ControlDataset as cached batches (trainer.module): items {posterior, context,
     empty_context, txt (the pair's prompt), hint (read from the control image)}. The photos are not read."""
 
     def __init__(self, pairs: ControlDataset, cache: LatentCache):

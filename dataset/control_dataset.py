@@ -195,7 +195,7 @@ class ControlDataset(Dataset):
     def hint(self, index: int) -> np.ndarray:
         """Item `index`'s "hint" alone, reading only the control image: float32 (H, W, 3) in [0, 1], the
         crop __getitem__ cuts (a random one repeats only with a seed). For training from cached target
-        latents (cldm.latent_cache), which never reads the photos."""
+        latents (trainer.latent_cache), which never reads the photos."""
         return _hint_values(self._fit(self._read(self.entries[index].source), self._draws(index)[1]))
 
     def target(self, index: int) -> np.ndarray:

@@ -16,7 +16,7 @@ uninterrupted one would have drawn.
 A batch is one of two kinds (HWC images, as the dataset gives them; B pairs):
 
 - images (dataset.ControlDataset): jpg (B, H, W, 3) in [-1, 1], txt (B prompts), hint (B, H, W, 3) in [0, 1];
-- cached (cldm.latent_cache): posterior (B, 2C, H/8, W/8), the VAE encoder's moments of the target (mean
+- cached (trainer.latent_cache): posterior (B, 2C, H/8, W/8), the VAE encoder's moments of the target (mean
   channels, then log-variance), context and empty_context (B, T, D), the text encoder's output for the
   pair's prompt and for "", plus txt and hint as above. The step draws from the posterior and chooses a
   context exactly as it would encode them itself: the same losses, without the VAE encoder or text encoder.
@@ -38,14 +38,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from cldm.lazy_checkpoint import open_lazy
 from cldm.model import load_config, with_model_options
-from cldm.resumable_data import derived_seed
 from ldm.checkpoint import LoadReport, load_weights
+from ldm.lazy_checkpoint import open_lazy
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import AttentionKind
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
+from trainer.resumable_data import derived_seed
 
 # Devices with PyTorch's fused AdamW kernel (the fp32 trainable weights qualify).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")

@@ -1,4 +1,4 @@
-"""Logs the Canny control fidelity (ControlNet++ F1, see cldm.fidelity) during training.
+"""Logs the Canny control fidelity (ControlNet++ F1, see evaluation.fidelity) during training.
 
 Every `every_n_steps` optimizer steps the callback generates from a few held-out (edge map, prompt)
 pairs with the LightningModule's ControlLDM (`pl_module.model`), and logs `fidelity/canny_f1`,
@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from annotator.canny import CannyThresholds
-from cldm.fidelity import (
+from evaluation.fidelity import (
     DEFAULT_DDIM_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_THRESHOLDS,

@@ -2,7 +2,7 @@
 
 Generate an image from each held-out (edge map, prompt) pair, take the Canny edges of the generated image
 with the thresholds that made the edge maps, and score them against the input edge map: pixel F1
-(exact, and with a small tolerance, see `cldm.edge_metrics`) and SSIM. Each pair starts from its own
+(exact, and with a small tolerance, see `evaluation.edge_metrics`) and SSIM. Each pair starts from its own
 noise, drawn once from `seed`, so two models (e.g. trained vs untrained ControlNet) see the same noise.
 """
 
@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annotator.canny import CannyThresholds, canny
-from cldm.edge_metrics import EdgeCounts, edge_counts, edge_ssim
+from evaluation.edge_metrics import EdgeCounts, edge_counts, edge_ssim
 from ldm.models.diffusion.ddim import DDIMSampler
 
 # The thresholds of ControlNet 1.0's canny training data and demo.
