@@ -45,8 +45,8 @@ from trainer.resumable_data import ResumableDataModule
 DEFAULT_CONFIG = "models/cldm_v15.yaml"
 # The original's tutorial uses 4 (on a 40 GB GPU). For 16 GB at 512 px, fp32, with the config's gradient
 # checkpointing: ~10 GB of weights, gradients and AdamW state (1.43 B parameters, 361 M of them trained)
-# leave room for the activations of about 4 (an estimate; no GPU measured it here). The seed used 11 on a
-# larger GPU; for a larger effective batch keep 4 and raise --accumulate-grad-batches.
+# leave room for the activations of about 4 (an estimate; no GPU measured it here). The Stanford Dogs recipe
+# (README.md) used 11 with sliced attention; for a larger effective batch keep 4 and raise --accumulate-grad-batches.
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_LR = 1e-5
 DEFAULT_RESOLUTION = 512
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="probability of training on the empty prompt (the paper: 0.5; the original "
                            "tutorial: 0)")
     data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                      help="per device; 4 as the original's tutorial, meant for a 16 GB GPU at 512 px (the seed "
-                           "used 11 on a larger GPU)")
+                      help="per device; 4 as the original's tutorial, meant for a 16 GB GPU at 512 px (the Stanford "
+                           "Dogs recipe used 11 with sliced attention)")
     data.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
 
     train = parser.add_argument_group("training")
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-epochs", type=int, default=None,
                        help="epochs in total (default: no limit when --max-steps is not given either)")
     train.add_argument("--max-time", type=parse_duration, default=None,
-                       help="wall-clock limit of this invocation, DD:HH:MM:SS or e.g. '1 day' (the seed), "
+                       help="wall-clock limit of this invocation, DD:HH:MM:SS or e.g. '1 day' (the Stanford Dogs "
+                            "recipe's), "
                             "'11h 30m'; ends with last.ckpt")
     train.add_argument("--seed", type=_non_negative_int, default=0,
                        help="seeds data order, noise, timesteps, prompt dropout and the logged samples")

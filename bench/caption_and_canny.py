@@ -1,6 +1,7 @@
-"""Benchmark the dataset build's two heavy stages, each against the seed's way of running it.
+"""Benchmark the dataset build's two heavy stages, each against the Stanford Dogs recipe's way of
+running it (README.md, "Training on your own photos").
 
-1. Captioning: batched BLIP vs the seed's one-image-at-a-time loop, on the same random BLIP of BASE size
+1. Captioning: batched BLIP vs that recipe's one-image-at-a-time loop, on the same random BLIP of BASE size
    (ViT-B/16 at 384 px + BERT-base MED decoder, random init, no download, a synthesised bert-base-sized
    vocabulary), the same images and the same decoding (3 beams, max_length 20), CPU float32.
 2. Canny: the pair-making stage in worker processes vs one process (bench/canny_workers.py).
@@ -118,7 +119,7 @@ def timed(run: Callable[[], list[str]]) -> tuple[list[str], float]:
 
 
 def caption_one_at_a_time(captioner: BlipCaptioner, images: Sequence[Image.Image]) -> list[str]:
-    """The seed's loop: one generate() call per image."""
+    """The Stanford Dogs recipe's loop: one generate() call per image."""
     return [captioner.caption([image])[0] for image in images]
 
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="number of images (default 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="captioning batch size (default 8)")
-    parser.add_argument("--beams", type=int, default=3, help="beam width (default 3, the seed's)")
+    parser.add_argument("--beams", type=int, default=3, help="beam width (default 3, BLIP's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random model and images")
     parser.add_argument("--canny-images", type=int, default=96, help="photos for the Canny stage (default 96)")
     parser.add_argument("--canny-workers", type=int, default=os.cpu_count() or 1, help="default: all CPU cores")

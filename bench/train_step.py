@@ -50,7 +50,7 @@ from ldm.modules.attention import ATTENTION_KINDS
 LEARNING_RATE = 1e-5
 PEER_ADAM = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
 PEER_MAX_GRAD_NORM = 1.0
-# SD 1.5 ControlNet training FLOPs per sample (the figures, TFLOP): (resolution, VAE encoding).
+# SD 1.5 ControlNet training FLOPs per sample (estimates, TFLOP): (resolution, VAE encoding).
 SD15_TFLOP_PER_SAMPLE = {(256, False): 0.78, (512, False): 2.3, (512, True): 3.4}
 SIDES = ("ours", "peer")
 # The prompt our step encodes when it runs the text encoder (--cache-compare): CLIP's cost does not depend on
@@ -100,7 +100,7 @@ PRESETS = {
     # faster in NHWC (about 1.6x for a 3x3 conv forward + backward on the 2-core Xeon here).
     "cpu": Preset(size="midsize", device="cpu", precision="fp32", attention="sdpa", checkpointing=False,
                   settings=[Setting(256, 2, encode_images=True)], warmup=2, steps=7, channels_last=True),
-    # The targets: batch >= 16 at 256 px and >= 8 at 512 px under 16 GiB.
+    # What a 16 GB GPU should fit: batch >= 16 at 256 px and >= 8 at 512 px under 16 GiB.
     "gpu": Preset(size="sd15", device="cuda", precision="bf16", attention="sdpa", checkpointing=True,
                   settings=[Setting(256, 16, search_max_batch=True), Setting(512, 8, search_max_batch=True),
                             Setting(512, 8, encode_images=True)],

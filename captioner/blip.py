@@ -31,7 +31,7 @@ class BlipCaptioner:
     """Captions batches of images with BLIP's prompt, beam search and text clean-up.
 
     model: transformers BLIP captioning model; tokenizer: its BERT tokenizer (with [DEC]);
-    settings: decoding settings (defaults: the seed's). device/dtype default to cuda+fp16, else cpu+fp32.
+    settings: decoding settings (defaults: BLIP's own). device/dtype default to cuda+fp16, else cpu+fp32.
     Batching does not change the captions: each image runs its own beams.
     """
 

@@ -43,7 +43,7 @@ _VISION_RENAMES = (
 )
 _DROPPED_BUFFERS = ("text_decoder.bert.embeddings.position_ids",)
 # BLIP_Pretrain (models/blip_pretrain.py) modules that captioning never runs: ITC/ITM heads, the text
-# encoder, momentum copies and queues. The seed's model_base_capfilt_large.pth carries them.
+# encoder, momentum copies and queues. BLIP's model_base_capfilt_large.pth carries them.
 _PRETRAINING_ONLY_PREFIXES = (
     "text_encoder.",
     "text_encoder_m.",

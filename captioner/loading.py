@@ -18,10 +18,10 @@ from transformers import AutoTokenizer, BlipForConditionalGeneration, PreTrained
 from captioner.architecture import blip_config_from_checkpoint
 from captioner.blip import BlipCaptioner
 from captioner.convert import convert_blip_state_dict
-from captioner.download import cached_download, is_url
 from captioner.errors import CheckpointError
 from captioner.settings import CaptionSettings
 from captioner.text import blip_tokenizer
+from common.download import DownloadError, cached_download, is_url
 
 # Files an original checkpoint may have beside it (the reference tiny model does; BLIP base needs none).
 MED_CONFIG_FILE = "med_config.json"
@@ -123,12 +123,15 @@ def load_captioner(
     - a hub id such as "Salesforce/blip-image-captioning-large" (resolved by transformers).
 
     device: default cuda if available else cpu; dtype: default float16 on cuda, float32 on cpu.
-    settings: decoding settings, default the seed's (CaptionSettings()).
+    settings: decoding settings, default BLIP's (CaptionSettings()).
     """
     settings = settings or CaptionSettings()
     source = str(model)
     if is_url(source):
-        source = str(cached_download(source))
+        try:
+            source = str(cached_download(source))
+        except DownloadError as error:
+            raise CheckpointError(str(error)) from error
     path = Path(source)
     if path.is_file():
         blip, tokenizer = load_original_checkpoint(path, settings.image_size)

@@ -1,4 +1,4 @@
-"""Image -> ViT input, the transform the seed applied before BLIP (Resize bicubic, ToTensor, Normalize)."""
+"""Image -> ViT input, the transform BLIP's own demo applies (Resize bicubic, ToTensor, Normalize)."""
 
 from __future__ import annotations
 

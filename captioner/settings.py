@@ -1,4 +1,4 @@
-"""Caption decoding settings, with the seed's defaults (BLIP's `blip_decoder` + `generate` as it called them)."""
+"""Caption decoding settings, with BLIP's own defaults (BLIP's `blip_decoder` + `generate` as it called them)."""
 
 from __future__ import annotations
 

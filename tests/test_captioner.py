@@ -133,7 +133,7 @@ def test_original_checkpoint_and_transformers_dir_agree(tmp_path, images, refere
 
 def test_pretraining_only_keys_are_ignored(tmp_path, images, reference):
     state_dict = reference_state_dict()
-    # BLIP_Pretrain modules the seed's model_base_capfilt_large.pth carries and captioning does not use.
+    # BLIP_Pretrain modules BLIP's model_base_capfilt_large.pth carries and captioning does not use.
     state_dict["text_encoder.embeddings.word_embeddings.weight"] = torch.zeros(3, 2)
     state_dict["visual_encoder_m.cls_token"] = torch.zeros(1, 1, 2)
     state_dict["image_queue"] = torch.zeros(2, 4)

@@ -113,7 +113,7 @@ def test_names_are_flat_unique_and_keep_the_folders():
     assert clash["x:y.jpg"] == "x_y"
 
 
-# ------------------------------------------------------------------------------ acceptance 1
+# --------------------------------------------------------------------- every image paired or reported
 
 
 def test_cli_pairs_every_good_image_and_reports_every_bad_one(tree, tmp_path):
@@ -173,7 +173,7 @@ def test_cli_with_tiny_blip_in_both_formats_gives_the_same_captions(tmp_path):
     assert captioner.caption(images) == [entry["prompt"] for entry in some]
 
 
-# ------------------------------------------------------------------------------ acceptance 2
+# ----------------------------------------------------------------------------- killed and resumed
 
 # A build in a child process, captioning slowly (batches of one) so that it can be killed part-way.
 KILLABLE_BUILD = """

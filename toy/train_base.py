@@ -4,7 +4,7 @@
 
 Two stages with the project's own modules, as SD was made: the KL autoencoder on toy images
 (`toy.vae_training`), then the text-conditioned UNet on its latents with `LatentDiffusion.p_losses`
-(`toy.unet_training`). The text encoder is the config's tiny CLIP, randomly initialised from the seed and
+(`toy.unet_training`). The text encoder is the config's tiny CLIP, randomly initialised from a fixed seed and
 frozen: its outputs for the domain's captions differ from the first differing word on (colour, shape,
 background), which the UNet's cross-attention learns to read.
 
