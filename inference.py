@@ -26,8 +26,8 @@ from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import SIZE_MULTIPLE
 from cldm.hint import control_from_map, control_from_photo, hint_tensor
 from cldm.inference_loading import load_for_inference
+from cldm.sampling import control_scales, sample_images
 from ldm.checkpoint import CheckpointError
-from ldm.models.diffusion.ddim import DDIMSampler
 
 A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
@@ -40,32 +40,13 @@ SCALE = 9.0
 ETA = 0.0
 RANDOM_SEED = -1
 MAX_RANDOM_SEED = 65535  # the original draws random.randint(0, 65535)
-# Guess mode: residual i of n gets strength * GUESS_MODE_DECAY ** (n - 1 - i), so shallow blocks are
-# damped most and the middle block gets full strength (the original's 0.825 ** (12 - i) for SD's 13).
-GUESS_MODE_DECAY = 0.825
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRID_COLUMNS = 4
-
-
-def control_scales(num_controls: int, strength: float, guess_mode: bool) -> list[float]:
-    """Per-residual control scales (the ControlNet's outputs in order, the middle block last)."""
-    if not guess_mode:
-        return [strength] * num_controls
-    return [strength * GUESS_MODE_DECAY ** (num_controls - 1 - i) for i in range(num_controls)]
 
 
 def resolve_seed(seed: int) -> int:
     """-1 -> a random seed in [0, 65535] as the original; any other value unchanged."""
     return random.randint(0, MAX_RANDOM_SEED) if seed == RANDOM_SEED else seed
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _latent_downsampling(model: torch.nn.Module) -> int:
-    """How much the VAE shrinks an image side (8 for SD): one halving per encoder level after the first."""
-    return 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
 
 
 @torch.no_grad()
@@ -84,28 +65,14 @@ def generate(model: torch.nn.Module, control: np.ndarray, prompt: str, *, a_prom
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    device = _device_of(model)
-    hint = hint_tensor(control, num_samples, device)
-    height, width = control.shape[:2]
-    factor = _latent_downsampling(model)
-    shape = (model.latent_channels, height // factor, width // factor)
+    device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(resolve_seed(seed))
     full_prompt = f"{prompt}, {a_prompt}" if a_prompt else prompt
-    saved_scales = model.control_scales
-    model.control_scales = control_scales(model.control_model.num_controls, strength, guess_mode)
-    try:
-        with torch.autocast(device.type, dtype=PRECISIONS[precision] or torch.float32,
-                            enabled=PRECISIONS[precision] is not None):
-            cond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning([full_prompt] * num_samples)]}
-            uncond = {"c_concat": None if guess_mode else [hint],
-                      "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
-            samples, _ = DDIMSampler(model).sample(
-                steps, num_samples, shape, cond, eta=eta, unconditional_guidance_scale=scale,
-                unconditional_conditioning=uncond, verbose=progress, generator=generator)
-            images = model.decode_first_stage(samples)
-    finally:
-        model.control_scales = saved_scales
-    pixels = (images.float() * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = sample_images(
+        model, hint_tensor(control, num_samples, device), [full_prompt] * num_samples, negative_prompt=n_prompt,
+        steps=steps, eta=eta, guidance_scale=scale, generator=generator,
+        control_scales=control_scales(model.control_model.num_controls, strength, guess_mode),
+        guess_mode=guess_mode, precision=PRECISIONS[precision], progress=progress)
     return [Image.fromarray(p) for p in pixels]
 
 

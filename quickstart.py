@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     trained_model, _ = load_for_inference(trained)
     for name, model, control in (("zero", zero_model, 1.0), ("trained", trained_model, 1.0),
                                  ("trained_no_control", trained_model, 0.0)):
-        model.control_scales = [control] * len(model.control_scales)
         reports[name] = control_fidelity(model, heldout_pairs, ddim_steps=args.ddim_steps,
-                                         guidance_scale=args.scale, seed=args.seed)
+                                         guidance_scale=args.scale, seed=args.seed, control_scales=control)
         print(f"{name:>18}: {reports[name].summary()}")
     grid = output / "comparison.png"
     evaluate.comparison_grid([reports["zero"], reports["trained"]]).save(grid)

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from annotator.canny import CannyThresholds, canny
+from cldm.sampling import latent_shape, sample_images
 from evaluation.edge_metrics import EdgeCounts, edge_counts, edge_ssim
-from ldm.models.diffusion.ddim import DDIMSampler
 
 # The thresholds of ControlNet 1.0's canny training data and demo.
 DEFAULT_THRESHOLDS = CannyThresholds()
@@ -28,37 +28,6 @@ DEFAULT_BATCH_SIZE = 16
 
 # (edge map HWC uint8 in {0, 255}, prompt): one held-out pair.
 Pair = tuple[np.ndarray, str]
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _latent_shape(model: torch.nn.Module, height: int, width: int) -> tuple[int, int, int]:
-    factor = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
-    return model.latent_channels, height // factor, width // factor
-
-
-@torch.no_grad()
-def generate_batch(model: torch.nn.Module, hints: torch.Tensor, prompts: Sequence[str], noise: torch.Tensor,
-                   ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                   negative_prompt: str = "") -> np.ndarray:
-    """DDIM (eta 0) samples of a ControlLDM for a batch of different controls and prompts.
-
-    hints: (B, 3, H, W) float in [0, 1]; noise: x_T (B, C, H/8, W/8); guidance against `negative_prompt`
-    with the control in both branches (the original apps' default). Returns (B, H, W, 3) uint8 RGB.
-    """
-    if len(prompts) != len(hints) or len(noise) != len(hints):
-        raise ValueError(f"{len(hints)} hints, {len(prompts)} prompts and {len(noise)} noise maps must match")
-    device = _device_of(model)
-    hints = hints.to(device)
-    cond = {"c_concat": [hints], "c_crossattn": [model.get_learned_conditioning(list(prompts))]}
-    uncond = {"c_concat": [hints], "c_crossattn": [model.get_learned_conditioning([negative_prompt] * len(hints))]}
-    samples, _ = DDIMSampler(model).sample(
-        ddim_steps, len(hints), tuple(noise.shape[1:]), cond, x_T=noise.to(device),
-        unconditional_guidance_scale=guidance_scale, unconditional_conditioning=uncond, verbose=False)
-    images = model.decode_first_stage(samples).float()
-    return (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass
@@ -103,11 +72,14 @@ def _as_rgb_edges(edge_map: np.ndarray) -> np.ndarray:
 def control_fidelity(model: torch.nn.Module, pairs: Sequence[Pair], *,
                      thresholds: CannyThresholds = DEFAULT_THRESHOLDS, tolerance: int = DEFAULT_TOLERANCE,
                      ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, progress: bool = True) -> FidelityReport:
+                     batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                     control_scales: float | Sequence[float] | None = None, progress: bool = True) -> FidelityReport:
     """Generate from every (edge map, prompt) pair with a ControlLDM and score the generated edges.
 
-    The model is used as it is (eval mode is the caller's business; `FidelityCallback` handles it).
-    Edge maps: (H, W) or (H, W, 3) uint8 {0, 255}, one size, sides multiples of 64.
+    DDIM (eta 0) with guidance against the "" prompt, the control in both branches (the original apps'
+    default). control_scales: the control strength (one, or one per residual; None: the model's
+    default, 1). The model is used as it is (eval mode is the caller's business; `FidelityCallback`
+    handles it). Edge maps: (H, W) or (H, W, 3) uint8 {0, 255}, one size, sides multiples of 64.
     """
     if not pairs:
         raise ValueError("control_fidelity needs at least one (edge map, prompt) pair")
@@ -115,13 +87,14 @@ def control_fidelity(model: torch.nn.Module, pairs: Sequence[Pair], *,
     prompts = [prompt for _, prompt in pairs]
     height, width = hints.shape[1:3]
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(pairs), *_latent_shape(model, height, width)), generator=generator)
+    noise = torch.randn((len(pairs), *latent_shape(model, height, width)), generator=generator)
     generated = []
     starts = range(0, len(pairs), batch_size)
     for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress, leave=False):
         stop = start + batch_size
-        generated.append(generate_batch(model, _hint_tensor(hints[start:stop]), prompts[start:stop],
-                                        noise[start:stop], ddim_steps, guidance_scale))
+        generated.append(sample_images(model, _hint_tensor(hints[start:stop]), prompts[start:stop],
+                                       steps=ddim_steps, guidance_scale=guidance_scale, noise=noise[start:stop],
+                                       control_scales=control_scales))
     images = np.concatenate(generated)
     edges = np.stack([canny(image, thresholds) for image in images])
     exact, tolerant = EdgeCounts(), EdgeCounts()

@@ -18,6 +18,7 @@ from cldm.hint import control_from_photo, hint_tensor
 from cldm.inference_loading import load_for_inference
 from cldm.model import load_config
 from ldm.checkpoint import CONTROL_PREFIX, CheckpointError
+from ldm.models.diffusion.ddim import DDIMSampler
 from tests.reference import TINY_CONFIG, TINY_WEIGHTS, tiny_vectors, tiny_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,20 +154,20 @@ def test_generate_api(tiny_model):
     assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
     before = list(tiny_model.control_scales)
     guessed = inference.generate(tiny_model, control, "", guess_mode=True, strength=0.5, **kwargs)
-    assert tiny_model.control_scales == before  # restored
+    assert tiny_model.control_scales == before  # strength is an argument of the call, never model state
     assert not np.array_equal(np.asarray(first[0]), np.asarray(guessed[0]))
 
 
 def test_generate_follows_the_canny_app(tiny_model, monkeypatch):
     """Conditioning as the original app builds it: prompt + a_prompt, n_prompt; hint in [0, 1] in both
-    branches, none in the unconditional one in guess mode; control scales set for the sampling."""
+    branches, none in the unconditional one in guess mode; control scales passed to the sampler."""
     seen = []
 
     def fake_sample(self, S, batch_size, shape, conditioning, **kwargs):
-        seen.append((S, batch_size, shape, conditioning, kwargs, list(self.model.control_scales)))
+        seen.append((S, batch_size, shape, conditioning, kwargs, kwargs["control_scales"]))
         return torch.zeros(batch_size, *shape), {}
 
-    monkeypatch.setattr(inference.DDIMSampler, "sample", fake_sample)
+    monkeypatch.setattr(DDIMSampler, "sample", fake_sample)
     prompts = []
     real = tiny_model.get_learned_conditioning
     monkeypatch.setattr(tiny_model, "get_learned_conditioning", lambda p: prompts.append(p) or real(p))
@@ -183,6 +184,7 @@ def test_generate_follows_the_canny_app(tiny_model, monkeypatch):
     assert scales == [1.0] * 5
     assert guess[4]["unconditional_conditioning"]["c_concat"] is None
     assert guess[5] == inference.control_scales(5, 2.0, guess_mode=True)
+    assert tiny_model.control_scales == [1.0] * 5
 
 
 def test_help():

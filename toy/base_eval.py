@@ -15,18 +15,13 @@ import numpy as np
 import torch
 
 from annotator.canny import canny
+from cldm.sampling import latent_shape, sample_images, to_uint8
 from evaluation.edge_metrics import EdgeCounts, edge_counts
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from toy.classify import read_scene
 from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, caption
 
 EVAL_TOLERANCE = 2
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
@@ -68,18 +63,13 @@ def sample_report(model: LatentDiffusion, resolution: int, samples_per_caption: 
     labels = [(s, c, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS for _ in range(samples_per_caption)]
     prompts = [caption(*label) for label in labels]
     generator = torch.Generator().manual_seed(seed)
-    side = resolution // 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
-    latent = (model.latent_channels, side, side)
+    latent = latent_shape(model, resolution, resolution)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        cond = {"c_crossattn": [model.get_learned_conditioning(chunk)]}
-        uncond = {"c_crossattn": [model.get_learned_conditioning([""] * len(chunk))]}
         noise = torch.randn((len(chunk), *latent), generator=generator)
-        latents, _ = DDIMSampler(model).sample(ddim_steps, len(chunk), latent, cond, x_T=noise, verbose=False,
-                                               unconditional_guidance_scale=guidance_scale,
-                                               unconditional_conditioning=uncond)
-        images.append(to_uint8(model.decode_first_stage(latents).clamp(-1, 1)))
+        images.append(sample_images(model, None, chunk, steps=ddim_steps, guidance_scale=guidance_scale,
+                                    noise=noise))
     images = np.concatenate(images)
     readings = [read_scene(image) for image in images]
     hits = np.array([(r.colour == c, r.shape == s, r.background == b)

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from cldm.model import load_config, with_model_options
+from cldm.sampling import sample_images
 from ldm.checkpoint import LoadReport, load_weights
 from ldm.lazy_checkpoint import open_lazy
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import AttentionKind
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -117,6 +117,13 @@ def load_initial_weights(model: nn.Module, model_config: Mapping[str, Any], path
     return report
 
 
+# The original's AdamW rate (tutorial_train.py).
+DEFAULT_LEARNING_RATE = 1e-5
+# The paper (section 3.3) replaces 50% of the prompts by "" so that the ControlNet learns the control
+# image's meaning by itself (needed for guess mode and for strong guidance); the original tutorial used 0.
+DEFAULT_PROMPT_DROPOUT = 0.5
+
+
 class ControlNetTrainer(L.LightningModule):
     """Trains the ControlNet of a ControlLDM built from `model_config` (see `training_model_config`).
 
@@ -131,8 +138,8 @@ class ControlNetTrainer(L.LightningModule):
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
 
-    def __init__(self, model_config: Mapping[str, Any], learning_rate: float = 1e-5, sd_locked: bool = True,
-                 prompt_dropout: float = 0.0, seed: int = 0, locked_dtype: str | None = None,
+    def __init__(self, model_config: Mapping[str, Any], learning_rate: float = DEFAULT_LEARNING_RATE,
+                 sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0, locked_dtype: str | None = None,
                  fused_adamw: bool = True, channels_last: bool = False, **training_options: Any):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
@@ -284,21 +291,16 @@ class ControlNetTrainer(L.LightningModule):
         """Images of the first `max_images` pairs of a batch of either kind, each (N, 3, H, W) in [0, 1]:
         "reconstruction" (the target's posterior mean through the VAE decoder), "control" (the hint) and
         "samples" (DDIM with classifier-free guidance against the "" prompt, the same hint in both
-        branches, as the original's log). With half-precision locked parts, call it under their autocast
-        (the ImageLogger uses the trainer's)."""
+        branches, as the original's log; 8-bit levels, the pixels inference.py would write). With
+        half-precision locked parts, call it under their autocast (the ImageLogger uses the trainer's)."""
         n = min(max_images, len(batch["txt"]))
         batch = {key: value[:n] for key, value in batch.items()}
         z0 = self.model.get_first_stage_encoding(self.target_posterior(batch).mode())
         cond = self.conditioning(batch, list(batch["txt"]))
-        uncond = {"c_crossattn": [self.text_context(batch, [""] * n)], "c_concat": cond["c_concat"]}
-        sampler = DDIMSampler(self.model)
-        samples, _ = sampler.sample(ddim_steps, n, tuple(z0.shape[1:]), cond, eta=eta,
-                                    unconditional_guidance_scale=guidance_scale,
-                                    unconditional_conditioning=uncond, verbose=False, generator=generator)
-
-        def to_unit(images: torch.Tensor) -> torch.Tensor:
-            return ((images.float() + 1) / 2).clamp(0, 1)
-
-        return {"reconstruction": to_unit(self.model.decode_first_stage(z0)),
+        samples = sample_images(self.model, cond["c_concat"][0], cond["c_crossattn"][0],
+                                negative_prompt=self.text_context(batch, [""] * n), steps=ddim_steps, eta=eta,
+                                guidance_scale=guidance_scale, generator=generator)
+        reconstruction = ((self.model.decode_first_stage(z0).float() + 1) / 2).clamp(0, 1)
+        return {"reconstruction": reconstruction,
                 "control": cond["c_concat"][0].float().clamp(0, 1),
-                "samples": to_unit(self.model.decode_first_stage(samples))}
+                "samples": torch.from_numpy(samples).to(self.device).permute(0, 3, 1, 2).float() / 255}
