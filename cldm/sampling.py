@@ -73,6 +73,8 @@ def sample_images(model: nn.Module, hints: torch.Tensor | None, prompts: Sequenc
     in the unconditional branch. precision: None keeps the caller's autocast, float32 turns it off,
     float16/bfloat16 turn it on (text encoding, sampling, decoding).
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings (one per image) or a text context, not one string")
     device = next(model.parameters()).device
     batch_size = len(prompts)
     if hints is not None:
