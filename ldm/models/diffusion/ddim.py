@@ -1,8 +1,8 @@
 """DDIM sampling (Song et al. 2021) with classifier-free guidance (Ho & Salimans 2022).
 
 `DDIMSchedule` is the scheduler: it knows the timesteps and how to take one step from a model output
-(eps, v or x0: it converts with alpha_bar at the step), and never touches the network. `DDIMSampler` runs the loop around a model with the
-original's `sample(...)` signature.
+(eps, v or x0: it converts with alpha_bar at the step), and never touches the network. `DDIMSampler`
+runs the loop around a model with the original's `sample(...)` signature.
 
 Paper symbols -> names here, for the step from tau_i to tau_{i-1}:
     alpha_{tau_i}       alphas[i]        (alpha_bar of the DDPM schedule at timestep tau_i)
