@@ -32,31 +32,35 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from cldm.inference_loading import DEFAULT_CONFIG
 from dataset import ControlDataset, DatasetError
 from ldm.checkpoint import CheckpointError
 from ldm.modules.attention import ATTENTION_KINDS
+from trainer import checkpointing
+from trainer import logger as image_logger
 from trainer.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
 from trainer.latent_cache import LatentCacheDataModule, LatentCacheError
 from trainer.logger import ImageLogger
-from trainer.module import ControlNetTrainer, NonFiniteLossError, load_initial_weights, training_model_config
+from trainer.module import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_PROMPT_DROPOUT,
+    ControlNetTrainer,
+    NonFiniteLossError,
+    load_initial_weights,
+    training_model_config,
+)
 from trainer.resumable_data import ResumableDataModule
 
-# Defaults of the original (tutorial_train.py, docs/train.md) unless noted.
-DEFAULT_CONFIG = "models/cldm_v15.yaml"
+# Defaults of the original (tutorial_train.py, docs/train.md) unless noted. The defaults of what the
+# constructors take (learning rate, prompt dropout, sample grids, checkpoints) are the constructors' own,
+# read from their modules; the ones here are the command line's alone.
 # The original's tutorial uses 4 (on a 40 GB GPU). For 16 GB at 512 px, fp32, with the config's gradient
 # checkpointing: ~10 GB of weights, gradients and AdamW state (1.43 B parameters, 361 M of them trained)
 # leave room for the activations of about 4 (an estimate; no GPU measured it here). The Stanford Dogs recipe
 # (README.md) used 11 with sliced attention; for a larger effective batch keep 4 and raise --accumulate-grad-batches.
 DEFAULT_BATCH_SIZE = 4
-DEFAULT_LR = 1e-5
 DEFAULT_RESOLUTION = 512
 RESOLUTION_MULTIPLE = 64
-DEFAULT_LOGGER_FREQ = 300
-DEFAULT_CHECKPOINT_EVERY = 1000
-DEFAULT_KEEP_CHECKPOINTS = 2
-# The paper (section 3.3) replaces 50% of the prompts by "" so that the ControlNet learns the control
-# image's meaning by itself (needed for guess mode and for strong guidance); 0 is the original tutorial.
-DEFAULT_PROMPT_DROPOUT = 0.5
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 AUTO_PRECISION = "auto"
 # Native bf16 arithmetic on NVIDIA GPUs starts with compute capability 8.0 (Ampere: A100, RTX 30xx, L4, ...);
@@ -67,10 +71,6 @@ BF16_MIN_CAPABILITY = (8, 0)
 # overflow risk; a non-finite encoding stops the cache build or the step with a message.
 HALF_LOCKED_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 LATENT_CACHE_DIR = "latent_cache"
-# What the logged samples use (the original's log_images: DDIM 50 steps, guidance 9, "" uncond).
-DEFAULT_SAMPLE_DDIM_STEPS = 50
-SAMPLE_GUIDANCE = 9.0
-SAMPLE_IMAGES = 4
 TIME_UNITS = {"d": "days", "day": "days", "days": "days", "h": "hours", "hour": "hours", "hours": "hours",
               "m": "minutes", "min": "minutes", "minute": "minutes", "minutes": "minutes",
               "s": "seconds", "sec": "seconds", "second": "seconds", "seconds": "seconds"}
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
-    train.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate")
+    train.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
     train.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
                        help="auto: bf16-mixed on CUDA GPUs with bf16 (compute capability 8.0+: A100, L4, RTX 30xx "
                             "and newer), 16-mixed on older ones (T4, V100), 32 (the original's) on CPU and MPS")
@@ -211,14 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "OUTPUT_DIR/checkpoints/last.ckpt")
 
     logging = parser.add_argument_group("logging and checkpoints")
-    logging.add_argument("--logger-freq", type=_positive_int, default=DEFAULT_LOGGER_FREQ,
+    logging.add_argument("--logger-freq", type=_positive_int, default=image_logger.DEFAULT_EVERY_N_STEPS,
                          help="steps between sample grids")
-    logging.add_argument("--sample-ddim-steps", type=_positive_int, default=DEFAULT_SAMPLE_DDIM_STEPS,
-                         help="DDIM steps of the logged samples (guidance 9 against the empty prompt)")
+    logging.add_argument("--sample-ddim-steps", type=_positive_int, default=image_logger.DEFAULT_DDIM_STEPS,
+                         help=f"DDIM steps of the logged samples (guidance "
+                              f"{image_logger.DEFAULT_GUIDANCE_SCALE:g} against the empty prompt)")
     logging.add_argument("--log-every-n-steps", type=_positive_int, default=50, help="steps between scalar logs")
-    logging.add_argument("--checkpoint-every", type=_positive_int, default=DEFAULT_CHECKPOINT_EVERY,
+    logging.add_argument("--checkpoint-every", type=_positive_int, default=checkpointing.DEFAULT_EVERY_N_STEPS,
                          help="steps between checkpoints")
-    logging.add_argument("--keep-checkpoints", type=_non_negative_int, default=DEFAULT_KEEP_CHECKPOINTS,
+    logging.add_argument("--keep-checkpoints", type=_non_negative_int, default=checkpointing.DEFAULT_KEEP,
                          help="step checkpoints to keep (the newest); last.ckpt is always kept")
 
     hardware = parser.add_argument_group("hardware")
@@ -281,8 +282,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
 def build_trainer(args: argparse.Namespace, checkpoint: ResumableCheckpoint,
                   callbacks: Sequence[Callback]) -> L.Trainer:
     output_dir = Path(args.output_dir)
-    samples = ImageLogger(output_dir / "samples", args.logger_freq, max_images=SAMPLE_IMAGES,
-                          ddim_steps=args.sample_ddim_steps, guidance_scale=SAMPLE_GUIDANCE, seed=args.seed)
+    samples = ImageLogger(output_dir / "samples", args.logger_freq, ddim_steps=args.sample_ddim_steps,
+                          seed=args.seed)
     strategy = args.strategy
     if strategy == "ddp" and args.only_mid_control:
         # The skip-connection zero convs get no gradient then, which plain DDP treats as an error.

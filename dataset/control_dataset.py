@@ -13,7 +13,7 @@ An item is `dict(jpg=target, txt=prompt, hint=source)`:
 
     jpg   float32 (H, W, 3) RGB in [-1, 1]   what the diffusion model learns to produce
     hint  float32 (H, W, 3) RGB in [0, 1]    the control image
-    txt   str                                the prompt ('' when dropped)
+    txt   str                                the pair's prompt
 
 HWC, as in the original: the LightningModule moves channels first itself.
 """
@@ -147,8 +147,8 @@ class ControlDataset(Dataset):
 
     resolution: N scales each pair's short side to N and crops N x N (the same window for target and
     source); None keeps the stored size, and then every pair must have the same size (checked here) so
-    batches can stack. prompt_dropout: probability that txt is '' (classifier-free guidance training;
-    ControlNet 1.1 dropped 50%). random_crop: a random window instead of the centre.
+    batches can stack. random_crop: a random window instead of the centre. txt is always the pair's own
+    prompt: ControlNetTrainer replaces prompts by '' itself (prompt_dropout), also for cached batches.
     seed: None draws from torch's RNG (which DataLoader seeds per worker and per epoch); an int makes the
     draws of item i a function of (seed, epoch, i), where `set_epoch` sets the epoch.
     """
@@ -157,17 +157,13 @@ class ControlDataset(Dataset):
         self,
         root: str | Path,
         resolution: int | None = 512,
-        prompt_dropout: float = 0.0,
         random_crop: bool = False,
         seed: int | None = None,
     ) -> None:
         if resolution is not None and resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels or None, got {resolution}")
-        if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         self.root = Path(root)
         self.resolution = resolution
-        self.prompt_dropout = prompt_dropout
         self.random_crop = random_crop
         self.seed = seed
         self.epoch = 0
@@ -187,21 +183,20 @@ class ControlDataset(Dataset):
         target, source = self._read(entry.target), self._read(entry.source)
         if target.shape != source.shape:
             raise _size_mismatch(entry, source.shape[1::-1], target.shape[1::-1])
-        drop_draw, offset = self._draws(index)
-        prompt = "" if drop_draw < self.prompt_dropout else entry.prompt
-        return dict(jpg=_target_values(self._fit(target, offset)), txt=prompt,
+        offset = self._crop_offset(index)
+        return dict(jpg=_target_values(self._fit(target, offset)), txt=entry.prompt,
                     hint=_hint_values(self._fit(source, offset)))
 
     def hint(self, index: int) -> np.ndarray:
         """Item `index`'s "hint" alone, reading only the control image: float32 (H, W, 3) in [0, 1], the
         crop __getitem__ cuts (a random one repeats only with a seed). For training from cached target
         latents (trainer.latent_cache), which never reads the photos."""
-        return _hint_values(self._fit(self._read(self.entries[index].source), self._draws(index)[1]))
+        return _hint_values(self._fit(self._read(self.entries[index].source), self._crop_offset(index)))
 
     def target(self, index: int) -> np.ndarray:
         """Item `index`'s "jpg" alone, reading only the photo: float32 (H, W, 3) in [-1, 1], the crop
         __getitem__ cuts. For building a latent cache, which never needs the control images."""
-        return _target_values(self._fit(self._read(self.entries[index].target), self._draws(index)[1]))
+        return _target_values(self._fit(self._read(self.entries[index].target), self._crop_offset(index)))
 
     def _read(self, relative: str) -> np.ndarray:
         """uint8 (H, W, 3) RGB of ROOT/relative. The decompression-bomb limit is for untrusted input; a
@@ -212,13 +207,14 @@ class ControlDataset(Dataset):
         """uint8 (H, W, 3) scaled and cropped to the resolution at `offset` (unchanged without one)."""
         return pixels if self.resolution is None else resize_and_crop(pixels, self.resolution, offset)
 
-    def _draws(self, index: int) -> tuple[float, tuple[float, float]]:
-        """Item `index`'s prompt-dropout draw and crop offset ((0.5, 0.5), the centre, unless random_crop)."""
-        drop_draw, crop_top, crop_left = self._uniforms(index)
-        return drop_draw, (crop_top, crop_left) if self.random_crop else (0.5, 0.5)
+    def _crop_offset(self, index: int) -> tuple[float, float]:
+        """Item `index`'s crop offset (top, left) in [0, 1); (0.5, 0.5), the centre, unless random_crop."""
+        _, crop_top, crop_left = self._uniforms(index)
+        return (crop_top, crop_left) if self.random_crop else (0.5, 0.5)
 
     def _uniforms(self, index: int) -> tuple[float, float, float]:
-        """Three U[0, 1) draws for item `index`: prompt dropout, crop top, crop left."""
+        """Three U[0, 1) draws for item `index`; the first is unused (it was a prompt-dropout draw, and is
+        still drawn so that a seed gives the crops it always gave), then crop top, crop left."""
         if self.seed is None:
             return tuple(torch.rand(3, dtype=torch.float64).tolist())
         return tuple(np.random.default_rng([self.seed, self.epoch, index]).random(3).tolist())

@@ -16,11 +16,9 @@ import torch
 import training
 from cldm.inference_loading import load_for_inference
 from tests.reference import TINY_CONFIG
-from tests.test_training import (  # noqa: F401  (init_path is a fixture)
+from tests.training_helpers import (
     AtStep,
-    init_path,
     logged_losses,
-    make_dataset,
     read_training_checkpoint,
     send,
     tool_add_control_init,
@@ -105,11 +103,6 @@ class CheckDtypes(L.Callback):
         self.seen = dtypes(module)
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("pairs"), 4)
-
-
 def run_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
     # A sample grid (log_images under the trainer's autocast) and a checkpoint at step 2.
     return train_args(init, data, output, "--batch-size", "2", "--max-steps", str(STEPS), "--logger-freq", "2",
@@ -117,20 +110,20 @@ def run_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fp32_run(tmp_path_factory, init_path, pairs) -> Path:  # noqa: F811
+def fp32_run(tmp_path_factory, init_path, four_pairs) -> Path:
     output = tmp_path_factory.mktemp("fp32")
-    assert training.main(run_args(init_path, pairs, output, "--precision", "32")) == 0
+    assert training.main(run_args(init_path, four_pairs, output, "--precision", "32")) == 0
     return output
 
 
 @pytest.fixture(scope="module")
-def bf16_run(tmp_path_factory, init_path, pairs) -> tuple[Path, CheckDtypes, FidelityCallback]:  # noqa: F811
+def bf16_run(tmp_path_factory, init_path, four_pairs) -> tuple[Path, CheckDtypes, FidelityCallback]:
     output = tmp_path_factory.mktemp("bf16")
     check = CheckDtypes()
     edges = np.zeros((64, 64, 3), np.uint8)
     edges[20:44, 32] = 255
     fidelity = FidelityCallback([(edges, "a line")], every_n_steps=2, ddim_steps=2)
-    assert training.main(run_args(init_path, pairs, output, *BF16), callbacks=[check, fidelity]) == 0
+    assert training.main(run_args(init_path, four_pairs, output, *BF16), callbacks=[check, fidelity]) == 0
     return output, check, fidelity
 
 
@@ -148,7 +141,7 @@ def test_bf16_training_stores_the_locked_parts_in_bf16_and_stays_close_to_fp32(b
     assert [step for step, *_ in fidelity.history] == [2, 4]
 
 
-def test_bf16_checkpoint_is_fp32_in_the_original_layout_and_loads_for_inference(bf16_run, init_path):  # noqa: F811
+def test_bf16_checkpoint_is_fp32_in_the_original_layout_and_loads_for_inference(bf16_run, init_path):
     output = bf16_run[0]
     path = output / "checkpoints" / "last.ckpt"
     checkpoint = read_training_checkpoint(path)
@@ -176,10 +169,10 @@ def test_bf16_checkpoint_is_fp32_in_the_original_layout_and_loads_for_inference(
     assert checkpoint["hyper_parameters"]["model_config"] == training_model_config(TINY_CONFIG)
 
 
-def test_bf16_run_resumes_exactly(tmp_path, init_path, pairs, bf16_run):  # noqa: F811
+def test_bf16_run_resumes_exactly(tmp_path, init_path, four_pairs, bf16_run):
     reference = bf16_run[0]
     output = tmp_path / "run"
-    argv = run_args(init_path, pairs, output, *BF16)
+    argv = run_args(init_path, four_pairs, output, *BF16)
     assert training.main(argv, callbacks=[AtStep(1, send(signal.SIGTERM))]) == 128 + signal.SIGTERM
     assert training.main(argv + ["--resume", "last"]) == 0
     assert logged_losses(output) == logged_losses(reference)
@@ -188,12 +181,12 @@ def test_bf16_run_resumes_exactly(tmp_path, init_path, pairs, bf16_run):  # noqa
     assert all(torch.equal(final[key], value) for key, value in expected.items())
 
 
-def test_latent_cache_under_bf16(tmp_path, init_path, pairs, bf16_run):  # noqa: F811
+def test_latent_cache_under_bf16(tmp_path, init_path, four_pairs, bf16_run):
     """The cache is built under the run's autocast with the bf16 encoders, so training from it stays with
     the bf16 run without it (their batches differ in composition, hence in bf16 rounding of the encoders)."""
     reference = bf16_run[0]
     output = tmp_path / "run"
-    assert training.main(run_args(init_path, pairs, output, *BF16, "--cache-latents")) == 0
+    assert training.main(run_args(init_path, four_pairs, output, *BF16, "--cache-latents")) == 0
     fingerprint = json.loads((output / "latent_cache" / "fingerprint.json").read_text())
     assert fingerprint["precision"] == "bf16-mixed"
     expected = logged_losses(reference)

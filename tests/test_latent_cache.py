@@ -22,12 +22,10 @@ import training
 from dataset import ControlDataset
 from ldm.checkpoint import load_weights
 from tests.reference import TINY_CONFIG
-from tests.test_training import (  # noqa: F401  (init_path is a fixture)
+from tests.training_helpers import (
     IMAGE_SIZE,
     AtStep,
-    init_path,
     logged_losses,
-    make_dataset,
     read_training_checkpoint,
     send,
     tool_add_control_init,
@@ -86,11 +84,6 @@ def control_weights(output: Path) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if key.startswith("control_model.")}
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("pairs"), 4)
-
-
 def run_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
     # A sample grid at step 2 in each run: the logger's reconstruction row works from the cache too.
     return train_args(init, data, output, "--batch-size", "2", "--max-steps", str(STEPS), "--logger-freq", "2",
@@ -98,17 +91,17 @@ def run_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def without_cache(tmp_path_factory, init_path, pairs) -> Path:  # noqa: F811
+def without_cache(tmp_path_factory, init_path, four_pairs) -> Path:
     output = tmp_path_factory.mktemp("without_cache")
-    assert training.main(run_args(init_path, pairs, output)) == 0
+    assert training.main(run_args(init_path, four_pairs, output)) == 0
     return output
 
 
 @pytest.fixture(scope="module")
-def with_cache(tmp_path_factory, init_path, pairs, without_cache) -> Path:  # noqa: F811
+def with_cache(tmp_path_factory, init_path, four_pairs, without_cache) -> Path:
     output = tmp_path_factory.mktemp("with_cache")
-    status = training.main(run_args(init_path, pairs, output, "--cache-latents"),
-                           callbacks=[ForbidEncoders(pairs)])
+    status = training.main(run_args(init_path, four_pairs, output, "--cache-latents"),
+                           callbacks=[ForbidEncoders(four_pairs)])
     assert status == 0
     return output
 
@@ -136,15 +129,15 @@ def test_training_from_the_cache_equals_training_without_it(with_cache, without_
     assert difference.max() <= 1  # 8-bit rounding of values equal to about 1e-6
 
 
-def test_cache_files_hold_the_encoders_outputs(with_cache, pairs, init_path):  # noqa: F811
+def test_cache_files_hold_the_encoders_outputs(with_cache, four_pairs, init_path):
     cache_dir = with_cache / CACHE
     assert sorted(path.name for path in cache_dir.iterdir()) == sorted(
         [POSTERIOR_FILE, CONTEXTS_FILE, "prompt_rows.npy", FINGERPRINT_FILE])
-    dataset = CachedControlDataset(ControlDataset(pairs, resolution=IMAGE_SIZE), LatentCache(cache_dir))
+    dataset = CachedControlDataset(ControlDataset(four_pairs, resolution=IMAGE_SIZE), LatentCache(cache_dir))
     batch = default_collate([dataset[i] for i in range(len(dataset))])
     module = ControlNetTrainer(training_model_config(TINY_CONFIG))
     load_weights(module.model, load_file(str(init_path)))
-    images = default_collate(list(ControlDataset(pairs, resolution=IMAGE_SIZE)))
+    images = default_collate(list(ControlDataset(four_pairs, resolution=IMAGE_SIZE)))
     with torch.no_grad():
         moments = module.model.encode_first_stage(channels_first(images["jpg"], module.device)).parameters
         contexts = module.model.get_learned_conditioning(list(images["txt"]))
@@ -160,10 +153,10 @@ def test_cache_files_hold_the_encoders_outputs(with_cache, pairs, init_path):  #
     assert all(np.array_equal(copy[1][key], dataset[1][key]) for key in ("posterior", "context", "hint"))
 
 
-def test_logger_grid_from_a_cached_batch(with_cache, pairs, init_path, tmp_path):  # noqa: F811
+def test_logger_grid_from_a_cached_batch(with_cache, four_pairs, init_path, tmp_path):
     module = ControlNetTrainer(training_model_config(TINY_CONFIG))
     load_weights(module.model, load_file(str(init_path)))
-    pairs_dataset = ControlDataset(pairs, resolution=IMAGE_SIZE)
+    pairs_dataset = ControlDataset(four_pairs, resolution=IMAGE_SIZE)
     cached = default_collate([CachedControlDataset(pairs_dataset, LatentCache(with_cache / CACHE))[i]
                               for i in range(2)])
     images = default_collate([pairs_dataset[i] for i in range(2)])
@@ -178,21 +171,21 @@ def test_logger_grid_from_a_cached_batch(with_cache, pairs, init_path, tmp_path)
     assert (tmp_path / "step-00000001.png").is_file()
 
 
-def test_with_workers_the_cached_run_is_the_same(tmp_path, init_path, pairs, with_cache):  # noqa: F811
+def test_with_workers_the_cached_run_is_the_same(tmp_path, init_path, four_pairs, with_cache):
     output = tmp_path / "run"
     shutil.copytree(with_cache / CACHE, output / CACHE)
-    assert training.main(run_args(init_path, pairs, output, "--cache-latents", "--num-workers", "2")) == 0
+    assert training.main(run_args(init_path, four_pairs, output, "--cache-latents", "--num-workers", "2")) == 0
     assert logged_losses(output) == logged_losses(with_cache)
 
 
-def test_interrupted_cached_run_reuses_the_cache_and_resumes_exactly(tmp_path, init_path, pairs, with_cache,  # noqa: F811
+def test_interrupted_cached_run_reuses_the_cache_and_resumes_exactly(tmp_path, init_path, four_pairs, with_cache,
                                                                      capsys):
     output = tmp_path / "run"
-    argv = run_args(init_path, pairs, output, "--cache-latents")
+    argv = run_args(init_path, four_pairs, output, "--cache-latents")
     assert training.main(argv, callbacks=[AtStep(1, send(signal.SIGTERM))]) == 128 + signal.SIGTERM
     assert "latent cache: building" in capsys.readouterr().out
     built = (output / CACHE / FINGERPRINT_FILE).stat().st_mtime_ns
-    assert training.main(argv + ["--resume", "last"], callbacks=[ForbidEncoders(pairs)]) == 0
+    assert training.main(argv + ["--resume", "last"], callbacks=[ForbidEncoders(four_pairs)]) == 0
     assert "latent cache: reusing" in capsys.readouterr().out
     assert (output / CACHE / FINGERPRINT_FILE).stat().st_mtime_ns == built
     assert logged_losses(output) == logged_losses(with_cache)  # exactly, step by step
@@ -200,9 +193,9 @@ def test_interrupted_cached_run_reuses_the_cache_and_resumes_exactly(tmp_path, i
         assert torch.equal(control_weights(output)[key], value), key
 
 
-def test_cache_dir_option_and_a_changed_prompt_rebuilds(tmp_path, init_path, pairs, capsys):  # noqa: F811
+def test_cache_dir_option_and_a_changed_prompt_rebuilds(tmp_path, init_path, four_pairs, capsys):
     data = tmp_path / "data"
-    shutil.copytree(pairs, data)
+    shutil.copytree(four_pairs, data)
     cache_dir = tmp_path / "elsewhere"
     argv = train_args(init_path, data, tmp_path / "run", "--batch-size", "2", "--max-steps", "1",
                       "--cache-latents", "--cache-dir", str(cache_dir))
@@ -217,9 +210,9 @@ def test_cache_dir_option_and_a_changed_prompt_rebuilds(tmp_path, init_path, pai
         "prompt.json" in out
 
 
-def test_the_fingerprint_names_what_changed(tmp_path, pairs, init_path):  # noqa: F811
+def test_the_fingerprint_names_what_changed(tmp_path, four_pairs, init_path):
     data = tmp_path / "data"
-    shutil.copytree(pairs, data)
+    shutil.copytree(four_pairs, data)
     dataset = ControlDataset(data, resolution=IMAGE_SIZE)
     config = training_model_config(TINY_CONFIG)
     module = ControlNetTrainer(config)
@@ -257,18 +250,18 @@ def test_the_fingerprint_names_what_changed(tmp_path, pairs, init_path):  # noqa
         LatentCache(cache_dir)
 
 
-def test_a_non_finite_encoding_names_the_images(tmp_path, pairs):
+def test_a_non_finite_encoding_names_the_images(tmp_path, four_pairs):
     module = ControlNetTrainer(training_model_config(TINY_CONFIG))
     with torch.no_grad():
         next(module.model.first_stage_model.parameters()).fill_(float("nan"))
-    dataset = ControlDataset(pairs, resolution=IMAGE_SIZE)
+    dataset = ControlDataset(four_pairs, resolution=IMAGE_SIZE)
     with pytest.raises(LatentCacheError, match="target/0.png, target/1.png"):
         build_latent_cache(tmp_path, dataset, module.model, {}, torch.device("cpu"), batch_size=2)
     assert not (tmp_path / FINGERPRINT_FILE).exists()
 
 
-def test_cached_batches_hold_only_their_own_prompts_and_empty(with_cache, pairs):
-    dataset = CachedControlDataset(ControlDataset(pairs, resolution=IMAGE_SIZE), LatentCache(with_cache / CACHE))
+def test_cached_batches_hold_only_their_own_prompts_and_empty(with_cache, four_pairs):
+    dataset = CachedControlDataset(ControlDataset(four_pairs, resolution=IMAGE_SIZE), LatentCache(with_cache / CACHE))
     batch = default_collate([dataset[0], dataset[1]])
     module = ControlNetTrainer(training_model_config(TINY_CONFIG))
     context = module.text_context(batch, ["", batch["txt"][1]])
@@ -287,8 +280,8 @@ def test_option_errors(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_cached_dataset_refuses_random_crops(with_cache, pairs):
+def test_cached_dataset_refuses_random_crops(with_cache, four_pairs):
     with pytest.raises(ValueError, match="centre crop"):
-        CachedControlDataset(ControlDataset(pairs, resolution=IMAGE_SIZE, random_crop=True),
+        CachedControlDataset(ControlDataset(four_pairs, resolution=IMAGE_SIZE, random_crop=True),
                              LatentCache(with_cache / CACHE))
     assert json.loads((with_cache / CACHE / FINGERPRINT_FILE).read_text())["resolution"] == IMAGE_SIZE

@@ -8,9 +8,7 @@ import torch
 import training
 from cldm.inference_loading import load_for_inference
 from tests.reference import TINY_CONFIG
-from tests.test_training import (  # noqa: F401  (init_path and four_pairs are fixtures)
-    four_pairs,
-    init_path,
+from tests.training_helpers import (
     logged_losses,
     read_training_checkpoint,
     train_args,
@@ -44,7 +42,7 @@ def test_channels_last_puts_every_convolution_in_nhwc():
     assert module.hparams["channels_last"] is True
 
 
-def test_fused_adamw_and_channels_last_train_as_the_plain_run(tmp_path, init_path, four_pairs):  # noqa: F811
+def test_fused_adamw_and_channels_last_train_as_the_plain_run(tmp_path, init_path, four_pairs):
     runs = {}
     for name, flags in (("plain", ("--no-fused-adamw", "--no-channels-last")),
                         ("fast", ("--fused-adamw", "--channels-last"))):

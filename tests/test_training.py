@@ -5,17 +5,16 @@ contract with inference.py."""
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import inspect
 import signal
 import subprocess
 import sys
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,95 +25,26 @@ import training
 from dataset import ControlDataset
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
 from ldm.util import instantiate_from_config
-from tests.reference import TINY, TINY_CONFIG, tiny_vectors, tiny_weights
+from tests.reference import TINY_CONFIG, tiny_vectors, tiny_weights
+from tests.training_helpers import (
+    IMAGE_SIZE,
+    TINY_LR,
+    AtStep,
+    logged_losses,
+    make_dataset,
+    read_training_checkpoint,
+    send,
+    tool_add_control_init,
+    train_args,
+)
 from trainer import checkpointing
-from trainer.checkpointing import LAST
+from trainer.checkpointing import LAST, ResumableCheckpoint
 from trainer.logger import ImageLogger
 from trainer.module import ControlNetTrainer, load_initial_weights, training_model_config
 from trainer.resumable_data import EpochOrder, ResumableDataLoader
+from trainer.step_callback import EveryNSteps
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_SIZE = 64  # the tiny VAE: 64 px -> 8x8 latents
-TINY_LR = "3e-3"  # the tiny model learns visibly in a few steps only with a larger rate than SD's 1e-5
-
-
-# ---- fixtures ---------------------------------------------------------------------------------------
-def tool_add_control_init() -> dict[str, torch.Tensor]:
-    """What tool_add_control.py makes of the tiny SD: control_model.* copied from the UNet encoder,
-    the hint block and zero convs new (tests/data/reference/tiny/README.md)."""
-    weights = tiny_weights()
-    new = load_file(str(TINY / "tool_add_control_init.safetensors"))
-    sources = json.loads((TINY / "tool_add_control_map.json").read_text())
-    init = {key: value for key, value in weights.items() if not key.startswith("control_model.")}
-    for key, source in sources.items():
-        init[key] = new[key] if source == "new" else weights[source].clone()
-    return init
-
-
-@pytest.fixture(scope="module")
-def init_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("init") / "control_tiny_ini.safetensors"
-    save_file(tool_add_control_init(), str(path))
-    return path
-
-
-def make_dataset(root: Path, pairs: int, seed: int = 0) -> Path:
-    """A dataset folder of random 64x64 pairs in the prompt.json format."""
-    rng = np.random.default_rng(seed)
-    (root / "source").mkdir(parents=True)
-    (root / "target").mkdir()
-    lines = []
-    for i in range(pairs):
-        for folder in ("source", "target"):
-            pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / folder / f"{i}.png")
-        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"pair {i}"}))
-    (root / "prompt.json").write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def four_pairs(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("four_pairs"), 4)
-
-
-def train_args(init: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return ["--config", str(TINY_CONFIG), "--init", str(init), "--data", str(data), "--output-dir", str(output),
-            "--resolution", str(IMAGE_SIZE), "--accelerator", "cpu", "--devices", "1", "--log-every-n-steps", "1",
-            "--logger-freq", "1000", "--checkpoint-every", "1000", "--prompt-dropout", "0.5", "--lr", TINY_LR,
-            *extra]
-
-
-def logged_losses(output: Path) -> dict[int, float]:
-    """{step: train/loss_simple} from every invocation's metrics.csv of a run."""
-    losses = {}
-    for path in sorted((output / "logs" / "csv").glob("version_*/metrics.csv")):
-        with open(path) as rows:
-            for row in csv.DictReader(rows):
-                if row.get("train/loss_simple"):
-                    losses[int(row["step"])] = float(row["train/loss_simple"])
-    return losses
-
-
-def read_training_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class AtStep(L.Callback):
-    """Runs `action(trainer, module)` once, in `hook`, when the global step equals `step`."""
-
-    def __init__(self, step: int, action, hook: str = "on_train_batch_end"):
-        self.step, self.action, self.done = step, action, False
-        setattr(self, hook, self._maybe_act)
-
-    def _maybe_act(self, trainer, pl_module, *args):
-        if trainer.global_step == self.step and not self.done:
-            self.done = True
-            self.action(trainer, pl_module)
-
-
-def send(signum: int):
-    return lambda trainer, module: signal.raise_signal(signum)
 
 
 # ---- the model at initialisation and what trains ----------------------------------------------------
@@ -378,6 +308,78 @@ def test_bad_input_fails_clearly(tmp_path, init_path, four_pairs, capsys):
     assert "last.ckpt not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         training.parse_args(train_args(init_path, four_pairs, tmp_path / "run", "--resolution", "100"))
+
+
+def test_every_n_steps_acts_once_per_new_optimizer_step():
+    """The guard of the image log, the fidelity callback and the checkpoints: after a resume at step 4,
+    with two batches per optimizer step, every 2 steps means steps 6 and 8, once each."""
+    class Record(EveryNSteps):
+        def __init__(self):
+            super().__init__(every_n_steps=2)
+            self.steps: list[int] = []
+
+        def on_every_n_steps(self, trainer, pl_module, batch, step):
+            self.steps.append(step)
+
+    trainer, record = SimpleNamespace(global_step=4), Record()
+    record.on_train_start(trainer, None)
+    for step in (4, 5, 5, 6, 6, 7, 7, 8, 8):
+        trainer.global_step = step
+        record.on_train_batch_end(trainer, None, None, None, 0)
+    assert record.steps == [6, 8]
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ImageLogger("unused", every_n_steps=0)
+
+
+def test_the_command_line_takes_the_constructors_defaults():
+    args = training.parse_args(["--init", "init.safetensors", "--data", "data"])
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    assert args.lr == default(ControlNetTrainer, "learning_rate") == 1e-5
+    assert args.prompt_dropout == default(ControlNetTrainer, "prompt_dropout") == 0.5
+    assert args.logger_freq == default(ImageLogger, "every_n_steps") == 300
+    assert args.sample_ddim_steps == default(ImageLogger, "ddim_steps") == 50
+    assert args.checkpoint_every == default(ResumableCheckpoint, "every_n_steps") == 1000
+    assert args.keep_checkpoints == default(ResumableCheckpoint, "keep") == 2
+    assert Path(args.config) == REPO / "models" / "cldm_v15.yaml"
+
+
+@torch.no_grad()
+def test_prompt_dropout_replaces_prompts_by_the_empty_one(monkeypatch):
+    """ControlNetTrainer.training_step conditions on "" with probability prompt_dropout, per pair."""
+    ref = tiny_vectors()
+    batch = {"jpg": ref["x"].permute(0, 2, 3, 1), "hint": ref["hint"].permute(0, 2, 3, 1), "txt": ["a cat", "a bird"]}
+
+    class Conditioned(Exception):
+        pass
+
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG))
+    assert module.prompt_dropout == 0.5
+
+    def record(batch, prompts):
+        seen.extend(prompts)
+        raise Conditioned  # the prompts are all this test needs from the step
+
+    monkeypatch.setattr(module, "conditioning", record)
+    posterior = module.target_posterior(batch)
+    monkeypatch.setattr(module, "target_posterior", lambda batch: posterior)  # encode once, not per step
+    seen: list[str] = []
+
+    def prompts_of(dropout: float, batches: int) -> list[str]:
+        module.prompt_dropout = dropout
+        seen.clear()
+        for batch_idx in range(batches):
+            with pytest.raises(Conditioned):
+                module.training_step(batch, batch_idx)
+        return list(seen)
+
+    assert prompts_of(0.0, 3) == ["a cat", "a bird"] * 3
+    assert prompts_of(1.0, 3) == [""] * 6
+    half = prompts_of(0.5, 10)
+    assert 0.25 < half.count("") / len(half) < 0.75
+    assert {prompt for prompt in half if prompt} == {"a cat", "a bird"}
 
 
 def test_image_logger_writes_a_grid_and_restores_train_mode(tmp_path):

@@ -28,7 +28,11 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from trainer.step_callback import EveryNSteps
+
 LAST = "last.ckpt"
+DEFAULT_EVERY_N_STEPS = 1000
+DEFAULT_KEEP = 2
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -88,7 +92,7 @@ class FileCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-class ResumableCheckpoint(Checkpoint):
+class ResumableCheckpoint(EveryNSteps, Checkpoint):
     """Periodic, rotated and interrupt-safe checkpoints in `dirpath` (see the module doc).
 
     every_n_steps: optimizer steps between checkpoints. keep: how many step checkpoints to keep (the
@@ -97,21 +101,18 @@ class ResumableCheckpoint(Checkpoint):
     why the run ended early ("SIGINT", "SIGTERM", "time limit") or is None.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int = 1000, keep: int = 2,
+    def __init__(self, dirpath: str | Path, every_n_steps: int = DEFAULT_EVERY_N_STEPS, keep: int = DEFAULT_KEEP,
                  max_time: timedelta | None = None):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        super().__init__(every_n_steps)
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, got {keep}")
         self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
         self.keep = keep
         self.max_time = max_time
         self.stop_reason: str | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._start_time = 0.0
-        self._last_global_step = -1
         self._saved_step = -1
 
     @property
@@ -141,20 +142,18 @@ class ResumableCheckpoint(Checkpoint):
 
     # ---- hooks --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._start_time = time.monotonic()
-        self._last_global_step = self._saved_step = trainer.global_step
+        self._saved_step = trainer.global_step
         self._signal = None
         self.stop_reason = None
         self._install_signal_handlers()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_global_step:  # inside a gradient accumulation: no optimizer step yet
-            return
-        self._last_global_step = step
-        if step % self.every_n_steps == 0:
-            self._save_step(trainer, step)
+    def on_every_n_steps(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
+        self._save_step(trainer, step)
+
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
+        super().on_optimizer_step(trainer, pl_module, batch, step)  # the periodic checkpoint first
         reason = None
         if self._signal is not None:
             reason = signal.Signals(self._signal).name

@@ -23,38 +23,32 @@ from evaluation.fidelity import (
     Pair,
     control_fidelity,
 )
+from trainer.logger import DEFAULT_EVERY_N_STEPS
+from trainer.step_callback import EveryNSteps
 
 
-class FidelityCallback(L.Callback):
-    """Canny F1 of `pairs` ((H, W, 3) uint8 edge map, prompt) every `every_n_steps` global steps.
+class FidelityCallback(EveryNSteps):
+    """Canny F1 of `pairs` ((H, W, 3) uint8 edge map, prompt) every `every_n_steps` global steps (by
+    default as often as ImageLogger's sample grids).
 
     `history` keeps (step, f1, f1_tolerant, ssim) of every evaluation, also when no logger is set.
     """
 
-    def __init__(self, pairs: Sequence[Pair], every_n_steps: int = 300, ddim_steps: int = DEFAULT_DDIM_STEPS,
-                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, tolerance: int = DEFAULT_TOLERANCE,
-                 thresholds: CannyThresholds = DEFAULT_THRESHOLDS, seed: int = 0):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+    def __init__(self, pairs: Sequence[Pair], every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+                 ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                 tolerance: int = DEFAULT_TOLERANCE, thresholds: CannyThresholds = DEFAULT_THRESHOLDS, seed: int = 0):
+        super().__init__(every_n_steps)
         if not pairs:
             raise ValueError("FidelityCallback needs at least one (edge map, prompt) pair")
         self.pairs = list(pairs)
-        self.every_n_steps = every_n_steps
         self.ddim_steps = ddim_steps
         self.guidance_scale = guidance_scale
         self.tolerance = tolerance
         self.thresholds = thresholds
         self.seed = seed
         self.history: list[tuple[int, float, float, float]] = []
-        self._last_step: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        # With gradient accumulation several batches end on the same global step: measure once.
-        step = trainer.global_step
-        if step % self.every_n_steps != 0 or step == self._last_step:
-            return
-        self._last_step = step
+    def on_every_n_steps(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
         was_training = pl_module.training
         pl_module.eval()
         try:

@@ -231,9 +231,9 @@ class LatentCache:
 
 
 def _check_cacheable(pairs: ControlDataset) -> None:
-    if pairs.random_crop or pairs.prompt_dropout:
-        raise ValueError("a latent cache holds one centre crop and the pairs' own prompts: use a ControlDataset "
-                         "without random_crop and prompt_dropout (ControlNetTrainer drops prompts itself)")
+    if pairs.random_crop:
+        raise ValueError("a latent cache holds one centre crop of each pair: use a ControlDataset without "
+                         "random_crop")
 
 
 class CachedControlDataset(Dataset):

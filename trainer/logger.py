@@ -17,41 +17,36 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
 from trainer.resumable_data import derived_seed
+from trainer.step_callback import EveryNSteps
 
 GRID_ROWS = ("reconstruction", "control", "samples")
+# The original's: a grid every 300 steps (tutorial_train.py's logger_freq) of 4 pairs, DDIM 50 steps at
+# guidance 9 against the "" prompt (its log_images).
+DEFAULT_EVERY_N_STEPS = 300
+DEFAULT_MAX_IMAGES = 4
+DEFAULT_DDIM_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 9.0
 
 
-class ImageLogger(L.Callback):
+class ImageLogger(EveryNSteps):
     """Writes a sample grid every `every_n_steps` optimizer steps (global steps, as the original).
 
     The samples use `ddim_steps` DDIM steps with guidance `guidance_scale` against the "" prompt and a
     generator seeded by (seed, step), so they do not disturb the training's randomness.
     """
 
-    def __init__(self, save_dir: str | Path, every_n_steps: int = 300, max_images: int = 4, ddim_steps: int = 50,
-                 guidance_scale: float = 9.0, seed: int = 0):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+    def __init__(self, save_dir: str | Path, every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+                 max_images: int = DEFAULT_MAX_IMAGES, ddim_steps: int = DEFAULT_DDIM_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 0):
+        super().__init__(every_n_steps)
         self.save_dir = Path(save_dir)
-        self.every_n_steps = every_n_steps
         self.max_images = max_images
         self.ddim_steps = ddim_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
-        self._last_step: int | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        # Only after an optimizer step: within a gradient accumulation the global step stands still.
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
-        if step % self.every_n_steps == 0:
-            self.log_grid(trainer, pl_module, batch, step)
+    def on_every_n_steps(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
+        self.log_grid(trainer, pl_module, batch, step)
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
         """Sample in eval mode without gradients (every rank takes part: sharded models sample

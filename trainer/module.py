@@ -139,8 +139,9 @@ class ControlNetTrainer(L.LightningModule):
     """
 
     def __init__(self, model_config: Mapping[str, Any], learning_rate: float = DEFAULT_LEARNING_RATE,
-                 sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0, locked_dtype: str | None = None,
-                 fused_adamw: bool = True, channels_last: bool = False, **training_options: Any):
+                 sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0,
+                 locked_dtype: str | None = None, fused_adamw: bool = True, channels_last: bool = False,
+                 **training_options: Any):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
