@@ -84,8 +84,20 @@ def test_resize_and_crop_cuts_the_requested_window():
 
 
 def test_canny_defaults_are_the_originals():
-    assert (DEFAULT_LOW_THRESHOLD, DEFAULT_HIGH_THRESHOLD) == (100, 200)
-    assert CannyThresholds() == CannyThresholds(100, 200)
+    """The original's canny app: cv2.Canny(image, 100, 200). Separate squares of rising contrast have
+    outlines on both sides of the thresholds, so other defaults would mark other squares."""
+    import cv2
+
+    image = np.zeros((24, 128, 3), np.uint8)
+    for i, level in enumerate((15, 20, 25, 30, 40, 50, 60, 80)):
+        image[8:16, 16 * i + 4:16 * i + 12] = level
+    expected = cv2.Canny(image, 100, 200)
+    assert expected.any()
+    assert not np.array_equal(expected, cv2.Canny(image, 50, 100))
+    assert not np.array_equal(expected, cv2.Canny(image, 100, 250))
+    np.testing.assert_array_equal(canny(image), expected)
+    np.testing.assert_array_equal(CannyDetector()(image), expected)
+    assert (DEFAULT_LOW_THRESHOLD, DEFAULT_HIGH_THRESHOLD) == (CannyThresholds().low, CannyThresholds().high)
 
 
 def test_canny_finds_the_outline_of_a_square():

@@ -8,6 +8,8 @@ computed right from given figures.
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -67,13 +69,24 @@ def test_train_step_cli_prints_both_sides_and_ratios(capsys):
 
 
 @pytest.mark.parametrize("factory", [sample.ours_sampler, sample.peer_sampler])
-def test_samplers_time_their_steps(factory):
+def test_samplers_time_every_ddim_step(factory, monkeypatch):
+    clocks = []
+
+    class RecordingClock(sample.StepClock):
+        def __init__(self, device):
+            super().__init__(device)
+            clocks.append(self)
+
+    monkeypatch.setattr(sample, "StepClock", RecordingClock)
     model = model_config("tiny")
     batch = make_batch(model, 1, TINY_RESOLUTION, CPU)
     job = {"size": "tiny", "precision": "fp32", "resolution": TINY_RESOLUTION, "ddim_steps": 3,
            "channels_last": False}
-    run = factory(job, CPU, batch, torch.zeros_like(batch.contexts))
-    assert run() > 0
+    seconds = factory(job, CPU, batch, torch.zeros_like(batch.contexts))()
+    (clock,) = clocks
+    assert len(clock.stamps) == job["ddim_steps"] + 1  # the start, then one tick after each DDIM step
+    intervals = [later - earlier for earlier, later in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    assert seconds == pytest.approx(statistics.median(intervals[sample.SKIPPED_STEPS:])) and seconds > 0
 
 
 @pytest.mark.parametrize("limit", [0, 1, 5, 16, 17, 100])
@@ -89,8 +102,10 @@ def test_largest_batch_search(limit, guess):
     assert len(probes) <= 16
 
 
-def test_gpu_preset_report_from_given_figures():
-    """The GPU path cannot run here: check its settings and the arithmetic of its report."""
+def test_gpu_preset_report_from_given_figures(monkeypatch):
+    """The GPU path cannot run here: check its settings and the arithmetic of its report (with a FLOP count
+    per sample made up for the test, so that the figures follow from the given ones alone)."""
+    monkeypatch.setitem(train_step.SD15_TFLOP_PER_SAMPLE, (256, False), 2.0)
     preset = preset_from_args(train_step.build_parser().parse_args(["--preset", "gpu"]))
     assert preset.size == "sd15" and preset.device == "cuda" and preset.precision == "bf16"
     assert [(s.resolution, s.batch, s.encode_images) for s in preset.settings] == [
@@ -102,6 +117,6 @@ def test_gpu_preset_report_from_given_figures():
     cells = [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
     # res, batch, VAE, ours/peer samples/s, ratio, ours/peer GiB, ratio, TFLOP/s x2, % peak x2, max batch x2
     assert cells[5] == "2" and cells[8] == "0.5"
-    assert float(cells[9]) == pytest.approx(0.78 * 20) and float(cells[10]) == pytest.approx(0.78 * 10)
-    assert float(cells[11]) == pytest.approx(100 * 0.78 * 20 / 1000)
+    assert float(cells[9]) == pytest.approx(2.0 * 20) and float(cells[10]) == pytest.approx(2.0 * 10)
+    assert float(cells[11]) == pytest.approx(100 * 2.0 * 20 / 1000)
     assert cells[13:15] == ["30", "12"]

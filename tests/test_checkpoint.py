@@ -109,7 +109,8 @@ def test_plain_sd_checkpoint_into_controlnet_suggests_tool_add_control(fresh_tin
     with pytest.raises(CheckpointError, match="tool_add_control"):
         load_weights(fresh_tiny, weights)
     report = load_weights(fresh_tiny, weights, allow_missing=("control_model.",))
-    assert len(report.filled_from_model) == 154
+    control_keys = [key for key in fresh_tiny.state_dict() if key.startswith("control_model.")]
+    assert control_keys and sorted(report.filled_from_model) == sorted(control_keys)
 
 
 def test_sd2_file_with_v15_config_is_diagnosed():
