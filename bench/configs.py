@@ -19,7 +19,6 @@ Mapping from our (CompVis) UNet params to diffusers' `UNet2DConditionModel`:
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -147,8 +146,3 @@ def scheduler_config(model: Mapping[str, Any]) -> dict[str, Any]:
         "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction" if p.get("parameterization") == "v" else "epsilon",
     }
-
-
-def cpu_threads() -> int:
-    """Threads torch uses here (for the report line)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

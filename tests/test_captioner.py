@@ -15,8 +15,8 @@ from captioner import BlipCaptioner, CaptionSettings, CheckpointError, load_capt
 from captioner.convert import interpolate_position_embedding
 from captioner.download import cached_download
 from captioner.preprocess import pixel_values
-from captioner.testing import TINY_BLIP_CHECKPOINT, TINY_BLIP_REFERENCE, write_tiny_blip
 from captioner.text import decode_caption
+from tests.tiny_blip import TINY_BLIP_CHECKPOINT, TINY_BLIP_REFERENCE, write_tiny_blip
 
 REFERENCE = TINY_BLIP_REFERENCE
 IMAGE_NAMES = [f"image{i}.png" for i in range(4)]

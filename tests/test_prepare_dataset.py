@@ -143,7 +143,7 @@ def test_cli_pairs_every_good_image_and_reports_every_bad_one(tree, tmp_path):
 
 def test_cli_with_tiny_blip_in_both_formats_gives_the_same_captions(tmp_path):
     from captioner import load_captioner
-    from captioner.testing import write_tiny_blip
+    from tests.tiny_blip import write_tiny_blip
 
     pth_path, hf_dir = write_tiny_blip(tmp_path / "blip")
     # Every bad case, and fewer good images than the full tree: the tiny BLIP still takes a while per caption.

@@ -1,4 +1,4 @@
-"""Test helper: the tiny reference BLIP in both file formats the captioner loads."""
+"""Test helper: the tiny reference BLIP (tests/data/reference/blip_tiny) in both file formats the captioner loads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from captioner.loading import MED_CONFIG_FILE, VISION_CONFIG_FILE, VOCAB_FILE, l
 from captioner.settings import CaptionSettings
 
 # A tiny random BLIP in the original checkpoint layout, with captions the original BLIP code produced.
-TINY_BLIP_REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference" / "blip_tiny"
+TINY_BLIP_REFERENCE = Path(__file__).resolve().parent / "data" / "reference" / "blip_tiny"
 TINY_BLIP_CHECKPOINT = "model_tiny_capfilt.pth"
 
 
