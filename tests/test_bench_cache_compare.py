@@ -39,6 +39,7 @@ def test_the_encoders_run_every_step_only_when_asked(monkeypatch, encode):
     assert calls == (["AutoencoderKL", "FrozenCLIPEmbedder"] * 2 if encode else [])
 
 
+@pytest.mark.slow
 def test_cache_compare_cli_prints_both_steps_and_the_speed_up(capsys):
     train_step.main(["--preset", "cpu", "--size", "tiny", "--resolution", str(TINY_RESOLUTION), "--batch", "1",
                      "--warmup", "0", "--steps", "2", "--cache-compare"])

@@ -56,6 +56,7 @@ def test_a_step_trains_the_controlnet_only(factory):
     assert all(torch.equal(p, frozen[n]) for n, p in side.frozen.named_parameters())
 
 
+@pytest.mark.slow
 def test_train_step_cli_prints_both_sides_and_ratios(capsys):
     train_step.main(["--preset", "cpu", "--size", "tiny", "--resolution", str(TINY_RESOLUTION), "--batch", "1",
                      "--warmup", "0", "--steps", "2", "--channels-last"])

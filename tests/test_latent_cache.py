@@ -178,6 +178,7 @@ def test_with_workers_the_cached_run_is_the_same(tmp_path, init_path, four_pairs
     assert logged_losses(output) == logged_losses(with_cache)
 
 
+@pytest.mark.slow
 def test_interrupted_cached_run_reuses_the_cache_and_resumes_exactly(tmp_path, init_path, four_pairs, with_cache,
                                                                      capsys):
     output = tmp_path / "run"

@@ -97,6 +97,7 @@ def prepared(tmp_path_factory) -> dict:
     return {"notebook": notebook, "dataset": work / "dataset", "archive": drive / "dataset.tar", "root": root}
 
 
+@pytest.mark.slow
 def test_prepare_dataset_notebook_builds_shows_and_copies_the_dataset(prepared):
     dataset = prepared["dataset"]
     lines = (dataset / "prompt.json").read_text().splitlines()
@@ -112,6 +113,7 @@ def test_prepare_dataset_notebook_builds_shows_and_copies_the_dataset(prepared):
     assert not [n for n in names if ".build" in n], "the build's scratch (downloads, journals) stays local"
 
 
+@pytest.mark.slow
 def test_training_inference_notebook_trains_shows_infers_and_resumes(prepared, tmp_path):
     """Part 1.2 started from the project root: first a standalone run that builds its own toy dataset,
     then the run after a "disconnect": the dataset from the Drive archive, training resumed from RUN_DIR."""

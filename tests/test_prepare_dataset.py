@@ -141,6 +141,7 @@ def test_cli_pairs_every_good_image_and_reports_every_bad_one(tree, tmp_path):
         assert BAD_FILES[entry["path"]][1] in entry["reason"], entry
 
 
+@pytest.mark.slow
 def test_cli_with_tiny_blip_in_both_formats_gives_the_same_captions(tmp_path):
     from captioner import load_captioner
     from tests.tiny_blip import write_tiny_blip

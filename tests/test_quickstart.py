@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,6 +19,7 @@ STEPS = 250
 MIN_RATIO = 1.5
 
 
+@pytest.mark.slow
 def test_quickstart_trained_controlnet_follows_the_edges(tmp_path):
     output = tmp_path / "quickstart"
     result = subprocess.run(

@@ -408,6 +408,7 @@ def test_help():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 def test_training_script_smoke(tmp_path, init_path, four_pairs):
     """training.py as a user runs it: checkpoints, a sample grid and the CSV log appear."""
     output = tmp_path / "run"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -38,6 +39,7 @@ def _dataset(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_add_control_then_train_then_infer(tmp_path):
     sd = tmp_path / "sd.ckpt"
     torch.save({"state_dict": {k: v for k, v in tiny_weights().items() if not k.startswith("control_model.")}}, sd)
