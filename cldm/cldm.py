@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.ddpm import Conditioning, LatentDiffusion
-from ldm.modules.attention import AttentionKind
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderMixin, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, zero_module
 from ldm.util import instantiate_from_config
@@ -40,13 +39,7 @@ class ControlledUnetModel(UNetModel):
         # The encoder is locked and its activations are not needed for any gradient (the control enters
         # after it), so it runs without autograd state.
         with torch.no_grad():
-            emb = self.time_embedding(timesteps)
-            h = x
-            skips = []
-            for block in self.input_blocks:
-                h = block(h, emb, context)
-                skips.append(h)
-            h = self.middle_block(h, emb, context)
+            h, skips, emb = self.encode(x, timesteps, context)
         if control is None:
             return self.decode(h, skips, emb, context)
         control = list(control)
@@ -73,43 +66,11 @@ class ControlNet(UNetEncoderMixin):
     UNet, then one for the middle block.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        hint_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | Sequence[int] | None = None,
-        legacy: bool = True,
-        disable_self_attentions: Sequence[bool] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        attention: AttentionKind = "sdpa",
-        **ignored,
-    ):
-        super().__init__()
-        self._check_options(num_heads, num_head_channels, use_spatial_transformer, context_dim, attention,
-                            ignored)
-        self._build_encoder(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            transformer_depth, context_dim, use_linear_in_transformer, disable_self_attentions,
-            disable_middle_self_attn, attention,
-        )
+    def __init__(self, *, hint_channels: int, **encoder_args):
+        """hint_channels: channels of the control image; the rest: the encoder arguments of
+        `UNetEncoderMixin` (the same keys as the UNet's, without out_channels)."""
+        super().__init__(**encoder_args)
+        dims, model_channels = self._dims, self.model_channels
         layers: list[nn.Module] = []
         channels = hint_channels
         for out_channels, stride in HINT_BLOCK_LAYOUT:

@@ -126,12 +126,7 @@ def test_in_place_residual_adds_match_out_of_place_sum(fp32, ref):
     x_noisy = model.q_sample(ref["z0"], t, noise)
     control = control_model(x=x_noisy, hint=ref["hint"], timesteps=t, context=context)
     with torch.no_grad():
-        emb = unet.time_embedding(t)
-        h, skips = x_noisy, []
-        for block in unet.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        h = unet.middle_block(h, emb, context)
+        h, skips, emb = unet.encode(x_noisy, t, context)
     h = h + control[-1]
     skips = [skip + residual for skip, residual in zip(skips, control[:-1], strict=True)]
     eps = unet.decode(h, skips, emb, context)

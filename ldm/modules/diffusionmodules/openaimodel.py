@@ -127,23 +127,79 @@ class ResBlock(TimestepBlock):
 
 
 class UNetEncoderMixin(nn.Module):
-    """Builds the parts the UNet and the ControlNet share: time embedding, input blocks, middle block.
+    """The part the UNet and the ControlNet share: time embedding, input blocks, middle block.
 
-    After `_build_encoder`, `self.input_block_chans` lists the channel count after every input block
-    (what the decoder's skip connections and the ControlNet's zero convs need).
+    Its constructor is the one definition of the encoder arguments of the original's UNetModel and
+    ControlNet (the keys of cldm_v15.yaml / cldm_v21.yaml); `UNetModel` adds `out_channels` and
+    `num_classes`, `ControlNet` adds `hint_channels`, and both hand the rest here by keyword, so an
+    unknown key is a TypeError naming it. After construction, `self.input_block_chans` lists the channel
+    count after every input block (what the decoder's skip connections and the ControlNet's zero convs
+    need).
+
+    Arguments the original accepts but SD never sets (`resblock_updown`, `use_new_attention_order`,
+    `n_embed`, `num_attention_blocks`) select code paths this implementation does not have: a value other
+    than the default is refused rather than ignored. `image_size`, `use_fp16` (autocast handles
+    precision), `num_heads_upsample` and `legacy` are accepted and unused: `legacy` only changed head sizes
+    of the non-spatial AttentionBlock, and with a SpatialTransformer both settings give
+    heads = ch // num_heads (or ch // num_head_channels).
     """
 
-    def _check_options(self, num_heads: int, num_head_channels: int, use_spatial_transformer: bool,
-                       context_dim: int | Sequence[int] | None, attention: str, extra: dict) -> None:
-        unsupported = {k: v for k, v in extra.items() if v not in (None, False, -1, 0)}
-        if unsupported:
-            raise ValueError(f"unsupported UNet options: {unsupported}")
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | Sequence[int] | None = None,
+        n_embed: int | None = None,
+        legacy: bool = True,
+        disable_self_attentions: Sequence[bool] | None = None,
+        num_attention_blocks: Sequence[int] | None = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+        attention: AttentionKind = "sdpa",
+    ):
+        super().__init__()
+        _refuse_unsupported(resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+                            n_embed=n_embed, num_attention_blocks=num_attention_blocks)
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("either num_heads or num_head_channels has to be set")
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("only the text-conditioned UNet (use_spatial_transformer with context_dim) is "
                              "supported")
         check_attention_kind(attention)
+        if isinstance(context_dim, Sequence) and not isinstance(context_dim, str):
+            context_dim = list(context_dim)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.model_channels = model_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.channel_mult = tuple(channel_mult)
+        self._disable_self_attentions = disable_self_attentions
+        self._conv_resample = conv_resample
+        self._num_heads, self._num_head_channels = num_heads, num_head_channels
+        self._transformer_depth, self._context_dim = transformer_depth, context_dim
+        self._use_linear, self._use_checkpoint = use_linear_in_transformer, use_checkpoint
+        self._attention, self._dropout, self._dims = attention, dropout, dims
+        self._use_scale_shift_norm = use_scale_shift_norm
+        self._time_embed_dim = model_channels * 4
+        self._build_encoder(disable_middle_self_attn)
 
     def _heads(self, ch: int) -> tuple[int, int]:
         """(number of heads, channels per head) of an attention layer over `ch` channels."""
@@ -159,64 +215,36 @@ class UNetEncoderMixin(nn.Module):
             use_checkpoint=self._use_checkpoint, attention=self._attention,
         )
 
+    def _level_transformer(self, ch: int, level: int) -> SpatialTransformer:
+        """The transformer of a block at `channel_mult` level `level`."""
+        disabled = self._disable_self_attentions[level] if self._disable_self_attentions else False
+        return self._transformer(ch, disabled)
+
     def _resblock(self, ch: int, out_ch: int) -> ResBlock:
         return ResBlock(ch, self._time_embed_dim, self._dropout, out_ch, self._dims, self._use_checkpoint,
                         self._use_scale_shift_norm)
 
-    def _build_encoder(
-        self,
-        in_channels: int,
-        model_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float,
-        channel_mult: Sequence[int],
-        conv_resample: bool,
-        dims: int,
-        use_checkpoint: bool,
-        num_heads: int,
-        num_head_channels: int,
-        use_scale_shift_norm: bool,
-        transformer_depth: int,
-        context_dim: int | Sequence[int] | None,
-        use_linear_in_transformer: bool,
-        disable_self_attentions: Sequence[bool] | None,
-        disable_middle_self_attn: bool,
-        attention: AttentionKind,
-    ) -> None:
-        if isinstance(context_dim, Sequence) and not isinstance(context_dim, str):
-            context_dim = list(context_dim)
-        self.model_channels = model_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.channel_mult = tuple(channel_mult)
-        self._num_heads, self._num_head_channels = num_heads, num_head_channels
-        self._transformer_depth, self._context_dim = transformer_depth, context_dim
-        self._use_linear, self._use_checkpoint = use_linear_in_transformer, use_checkpoint
-        self._attention, self._dropout, self._dims = attention, dropout, dims
-        self._use_scale_shift_norm = use_scale_shift_norm
-        self._time_embed_dim = model_channels * 4
-
+    def _build_encoder(self, disable_middle_self_attn: bool) -> None:
+        model_channels, dims = self.model_channels, self._dims
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, self._time_embed_dim), nn.SiLU(),
             nn.Linear(self._time_embed_dim, self._time_embed_dim),
         )
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(conv_nd(dims, self.in_channels, model_channels, 3, padding=1))]
         )
         chans = [model_channels]
         ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
                 layers: list[nn.Module] = [self._resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in self.attention_resolutions:
-                    disabled = disable_self_attentions[level] if disable_self_attentions else False
-                    layers.append(self._transformer(ch, disabled))
+                    layers.append(self._level_transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims, ch)))
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, self._conv_resample, dims, ch)))
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
@@ -232,74 +260,38 @@ class UNetEncoderMixin(nn.Module):
         return self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
 
 
-# Constructor arguments of the original UNet that this implementation accepts but does not need:
-# they either select code paths SD never uses (class labels, codebooks) or are handled by autocast
-# (use_fp16). A non-default value is refused rather than ignored.
-_IGNORED_UNET_ARGS = ("num_classes", "n_embed", "use_new_attention_order", "resblock_updown",
-                      "num_attention_blocks")
+def _refuse_unsupported(**options: object) -> None:
+    """ValueError naming every option of the original that is set to something other than its default
+    (None or False): these select code paths SD never uses."""
+    unsupported = {name: value for name, value in options.items() if value not in (None, False)}
+    if unsupported:
+        raise ValueError(f"unsupported UNet options: {unsupported}")
 
 
 class UNetModel(UNetEncoderMixin):
     """Text-conditioned UNet: eps (or v) = UNet(x_t, t, context).
 
     x: (B, in_channels, H, W) latents, timesteps: (B,), context: (B, 77, context_dim).
+    Keyword arguments: `out_channels`, the original's `num_classes` (class-conditioning, refused unless
+    None) and the encoder arguments of `UNetEncoderMixin`.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
-        use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | Sequence[int] | None = None,
-        legacy: bool = True,
-        disable_self_attentions: Sequence[bool] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
-        attention: AttentionKind = "sdpa",
-        **ignored,
-    ):
-        super().__init__()
-        unknown = set(ignored) - set(_IGNORED_UNET_ARGS)
-        if unknown:
-            raise TypeError(f"UNetModel got unexpected arguments: {sorted(unknown)}")
-        self._check_options(num_heads, num_head_channels, use_spatial_transformer, context_dim, attention,
-                            ignored)
-        # `legacy` only changed head sizes of the non-spatial AttentionBlock, which SD does not use; with a
-        # SpatialTransformer both settings give heads = ch // num_heads (or ch // num_head_channels).
-        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
-        self._build_encoder(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            transformer_depth, context_dim, use_linear_in_transformer, disable_self_attentions,
-            disable_middle_self_attn, attention,
-        )
+    def __init__(self, *, out_channels: int, num_classes: int | None = None, **encoder_args):
+        _refuse_unsupported(num_classes=num_classes)
+        super().__init__(**encoder_args)
+        self.out_channels = out_channels
+        model_channels, dims = self.model_channels, self._dims
         skip_chans = list(self.input_block_chans)
         ch, ds = self._encoder_out_channels, self._encoder_downsampling
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
                 layers: list[nn.Module] = [self._resblock(ch + skip_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
-                    disabled = disable_self_attentions[level] if disable_self_attentions else False
-                    layers.append(self._transformer(ch, disabled))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, conv_resample, dims, ch))
+                    layers.append(self._level_transformer(ch, level))
+                if level and i == self.num_res_blocks:
+                    layers.append(Upsample(ch, self._conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
@@ -308,14 +300,21 @@ class UNetModel(UNetEncoderMixin):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 **kwargs) -> torch.Tensor:
+        h, skips, emb = self.encode(x, timesteps, context)
+        return self.decode(h, skips, emb, context)
+
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The encoder half: x (B, in_channels, H, W), timesteps (B,), context (B, 77, context_dim) ->
+        (middle-block output (B, C, H / 2^k, W / 2^k), the input blocks' outputs in order (the skip
+        connections), time embedding (B, 4 * model_channels))."""
         emb = self.time_embedding(timesteps)
         h = x
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        return self.decode(h, skips, emb, context)
+        return self.middle_block(h, emb, context), skips, emb
 
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
                context: torch.Tensor | None) -> torch.Tensor:
