@@ -132,10 +132,6 @@ class LatentDiffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x.shape) * noise
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
 
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
-
     def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)

@@ -84,8 +84,11 @@ def lvlb_weights(buffers: dict[str, torch.Tensor], parameterization: str) -> tor
     if parameterization == "eps":
         weights = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - ac))
     elif parameterization == "x0":
+        # `2.0 * 1 - ac` (not 2 * (1 - ac)) is the original ddpm.py's operator precedence, kept on purpose
+        # so the buffer matches the original's checkpoints.
         weights = 0.5 * ac.sqrt() / (2.0 * 1 - ac)
     elif parameterization == "v":
+        # The original builds the eps weights only for their shape: all ones, kept as written for parity.
         weights = torch.ones_like(betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - ac)))
     else:
         raise ValueError(f"unknown parameterization {parameterization!r}")
