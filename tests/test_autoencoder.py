@@ -65,7 +65,7 @@ def build_tiny(params, state_dict, attention: str = "sdpa") -> AutoencoderKL:
 # --- tiny model against the original's outputs -------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("attention", ["sdpa", "sliced", "math"])
 def test_tiny_matches_reference(tiny_params, tiny_state_dict, vectors, attention):
     model = build_tiny(tiny_params, tiny_state_dict, attention)
     with torch.no_grad():

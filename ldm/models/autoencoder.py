@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import load_weights, read_state_dict
-from ldm.modules.diffusionmodules.model import AttentionKind, Decoder, Encoder
+from ldm.modules.attention import AttentionKind
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 # The original's training-only loss modules (LPIPS + discriminator) live under this prefix in the
@@ -45,7 +46,7 @@ class AutoencoderKL(nn.Module):
         colorize_nlabels: when set, registers the original's random `colorize` buffer
             (3, colorize_nlabels, 1, 1) so checkpoints that hold it load strictly.
         monitor: kept as an attribute for config compatibility.
-        attention: kernel of the self-attention blocks, "sdpa" or "math" (same function).
+        attention: kernel of the self-attention blocks, "sdpa", "sliced" or "math" (same function).
         **kwargs: training options of later ldm versions (e.g. `ema_decay`, `learn_logvar`); they are
             ignored with a warning that names them.
     """

@@ -9,14 +9,13 @@ latent-diffusion, so released checkpoints load without renaming.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionKind = Literal["sdpa", "math"]
-ATTENTION_KINDS: tuple[str, ...] = ("sdpa", "math")
+from ldm.modules.attention import AttentionKind, attention, check_attention_kind
+
 # ddconfig `attn_type` values whose weights are an AttnBlock ("vanilla-xformers" only picked a kernel).
 VANILLA_ATTN_TYPES: tuple[str, ...] = ("vanilla", "vanilla-xformers")
 NORM_GROUPS = 32
@@ -85,18 +84,11 @@ class Upsample(nn.Module):
         return self.conv(x) if self.with_conv else x
 
 
-def check_attention_kind(kind: str) -> str:
-    if kind not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
-    return kind
-
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W pixels of a feature map, with a residual.
 
-    (B, C, H, W) -> (B, C, H, W). q, k, v and proj_out are 1x1 convs. `attention` picks the kernel:
-    "sdpa" (torch's fused scaled_dot_product_attention) or "math" (softmax(q k^T / sqrt(C)) v written
-    out); both compute the same function.
+    (B, C, H, W) -> (B, C, H, W). q, k, v and proj_out are 1x1 convs. `attention` picks the kernel of
+    `ldm.modules.attention.attention` ("sdpa", "sliced" or "math"); all compute the same function.
     """
 
     def __init__(self, channels: int, attention: AttentionKind = "sdpa"):
@@ -113,12 +105,7 @@ class AttnBlock(nn.Module):
         normed = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head whose tokens are the pixels.
         q, k, v = (proj(normed).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            weights = torch.softmax(q @ k.transpose(2, 3) * c**-0.5, dim=-1)  # (B, 1, H*W, H*W)
-            out = weights @ v
-        out = out.transpose(2, 3).reshape(b, c, h, w)
+        out = attention(q, k, v, self.attention).transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
