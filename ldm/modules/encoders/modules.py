@@ -41,14 +41,6 @@ CLIP_VIT_L_14_TEXT_CONFIG: dict[str, Any] = {
 _LEGACY_POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
 
 
-def _parameter_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _prompts(text: str | Sequence[str]) -> list[str]:
-    return [text] if isinstance(text, str) else list(text)
-
-
 class CLIPTextModelHolder(nn.Module):
     """Holds a transformers CLIP text transformer as the child `text_model`.
 
@@ -67,7 +59,43 @@ class CLIPTextModelHolder(nn.Module):
         return self.text_model(input_ids=input_ids, output_hidden_states=output_hidden_states)
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenTextEmbedder(nn.Module):
+    """What both text encoders share: frozen weights, an offline tokenizer, and `encode` = `forward`.
+
+    A subclass sets `self.tokenizer` (a `CLIPTokenizer`) and implements `embed(tokens)`:
+    int64 [B, max_length] on the parameters' device -> context float [B, L, width].
+    """
+
+    tokenizer: CLIPTokenizer
+    LAYERS: tuple[str, ...]
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients for every parameter."""
+        self.eval()
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+
+    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> int64 [B, max_length] on CPU, padded with the tokenizer's pad id."""
+        return self.tokenizer([text] if isinstance(text, str) else list(text))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> context float [B, max_length, width] (see the subclass's `embed`)."""
+        return self.embed(self.tokenize(text).to(next(self.parameters()).device))
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Same as `forward` (the name LatentDiffusion calls)."""
+        return self(text)
+
+
+class FrozenCLIPEmbedder(FrozenTextEmbedder):
     """SD 1.x text encoder: OpenAI CLIP ViT-L/14 text transformer (transformers `CLIPTextModel`).
 
     Args:
@@ -99,8 +127,7 @@ class FrozenCLIPEmbedder(nn.Module):
         attn_implementation: str = "eager",
     ) -> None:
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        self._check_layer(layer)
         config = CLIPTextConfig(
             **{**CLIP_VIT_L_14_TEXT_CONFIG, **dict(text_config or {})}, attn_implementation=attn_implementation
         )
@@ -127,22 +154,12 @@ class FrozenCLIPEmbedder(nn.Module):
         # The positions are rebuilt in code; some merged checkpoints even hold corrupted float copies.
         state_dict.pop(prefix + _LEGACY_POSITION_IDS_KEY, None)
 
-    def freeze(self) -> None:
-        """Eval mode and no gradients for every parameter."""
-        self.eval()
-        for parameter in self.parameters():
-            parameter.requires_grad = False
-
-    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> int64 [B, max_length] on CPU, padded with `<|endoftext|>` (49407)."""
-        return self.tokenizer(_prompts(text))
-
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> context float [B, max_length, hidden] ([B, 1, hidden] for layer="pooled").
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids int64 [B, max_length] (padded with `<|endoftext|>`, 49407) -> context float
+        [B, max_length, hidden] ([B, 1, hidden] for layer="pooled").
 
         Only the token ids go in (no padding mask), as in the original: padding tokens attend causally.
         """
-        tokens = self.tokenize(text).to(_parameter_device(self))
         outputs = self.transformer(tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
             return outputs.last_hidden_state
@@ -150,12 +167,8 @@ class FrozenCLIPEmbedder(nn.Module):
             return outputs.pooler_output[:, None, :]
         return outputs.hidden_states[self.layer_idx]
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Same as `forward` (the name LatentDiffusion calls)."""
-        return self(text)
 
-
-class FrozenOpenCLIPEmbedder(nn.Module):
+class FrozenOpenCLIPEmbedder(FrozenTextEmbedder):
     """SD 2.x text encoder: the OpenCLIP ViT-H-14 text tower, stored under `model.` as in open_clip.
 
     Args:
@@ -183,8 +196,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         text_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        self._check_layer(layer)
         if arch not in OPEN_CLIP_TEXT_CONFIGS:
             raise ValueError(f"unknown open_clip arch {arch!r}; known: {sorted(OPEN_CLIP_TEXT_CONFIGS)}")
         overrides = dict(text_config or {})
@@ -206,21 +218,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         if freeze:
             self.freeze()
 
-    def freeze(self) -> None:
-        """Eval mode and no gradients for every parameter."""
-        self.eval()
-        for parameter in self.parameters():
-            parameter.requires_grad = False
-
-    def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> int64 [B, max_length] on CPU, padded with 0 (as open_clip.tokenize)."""
-        return self.tokenizer(_prompts(text))
-
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> context float [B, max_length, width]."""
-        tokens = self.tokenize(text).to(_parameter_device(self))
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids int64 [B, max_length] (padded with 0, as open_clip.tokenize) -> context float
+        [B, max_length, width]."""
         return self.model(tokens, skip_last_layers=self.layer_idx)
-
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Same as `forward` (the name LatentDiffusion calls)."""
-        return self(text)
