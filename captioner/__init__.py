@@ -5,8 +5,8 @@ returns a `BlipCaptioner`; `.caption([image, ...])` gives one caption per PIL im
 """
 
 from captioner.blip import BlipCaptioner
-from captioner.errors import CheckpointError
 from captioner.loading import load_captioner
 from captioner.settings import CaptionSettings
+from ldm.checkpoint import CheckpointError
 
 __all__ = ["BlipCaptioner", "CaptionSettings", "CheckpointError", "load_captioner"]

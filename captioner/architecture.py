@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import BlipConfig
 
-from captioner.errors import CheckpointError
+from ldm.checkpoint import CheckpointError
 
 # BLIP's create_vit: ViT-B/16 (width 768) has 12 heads, ViT-L/16 (width 1024) 16.
 BLIP_VIT_HEADS = {768: 12, 1024: 16}

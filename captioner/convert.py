@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from captioner.errors import CheckpointError
+from ldm.checkpoint import CheckpointError
 
 _VISION_RENAMES = (
     (r"visual_encoder\.cls_token", "vision_model.embeddings.class_embedding"),

@@ -18,10 +18,10 @@ from transformers import AutoTokenizer, BlipForConditionalGeneration, PreTrained
 from captioner.architecture import blip_config_from_checkpoint
 from captioner.blip import BlipCaptioner
 from captioner.convert import convert_blip_state_dict
-from captioner.errors import CheckpointError
 from captioner.settings import CaptionSettings
 from captioner.text import blip_tokenizer
 from common.download import DownloadError, cached_download, is_url
+from ldm.checkpoint import CheckpointError
 
 # Files an original checkpoint may have beside it (the reference tiny model does; BLIP base needs none).
 MED_CONFIG_FILE = "med_config.json"

@@ -1,23 +1,24 @@
-"""Reading SD / ControlNet checkpoints safely and loading them with a strict, explained key check.
+"""Loading SD / ControlNet checkpoints with a strict, explained key check.
 
-Reading never unpickles code: `.safetensors` through safetensors, anything else through
-`torch.load(weights_only=True)`. Loading accepts the known harmless differences between released files
+Reading is `ldm.lazy_checkpoint`, the one reader (re-exported here: `read_checkpoint`, `read_state_dict`,
+`CheckpointError`); it never unpickles code. Loading accepts the known harmless differences between
+released files
 and a freshly built model, reports them, and refuses everything else with the offending keys and the
 most likely cause.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from ldm.lazy_checkpoint import CheckpointError, StateDict, read_checkpoint, read_state_dict, unwrap_state_dict
+
+__all__ = ["CONTROL_PREFIX", "EMA_PREFIX", "UNET_PREFIX", "CheckpointError", "LoadReport", "StateDict",
+           "load_weights", "read_checkpoint", "read_state_dict", "unwrap_state_dict"]
 
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
@@ -27,63 +28,6 @@ POSITION_IDS_SUFFIX = "embeddings.position_ids"
 # Keys a released checkpoint may lack that a fresh model may fill: SD 1.x/2.x files written by the
 # CompVis code have no logvar (a plain tensor there, zeros).
 FILLABLE_KEYS = frozenset({"logvar"})
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
-
-
-def read_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu") -> tuple[StateDict, dict]:
-    """Read a `.safetensors`, `.ckpt` or `.pth` file: (flat {key: tensor} state dict, metadata).
-
-    The metadata is everything beside the tensors: a Lightning checkpoint's `hyper_parameters`,
-    `global_step`, ... or a safetensors file's string metadata. Pickles are read with weights_only=True, so
-    a file that would run code is refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            return load_file(str(path), device=str(location)), metadata
-        except Exception as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-    try:
-        data = torch.load(path, map_location=location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load. The file contains pickled objects other than tensors and plain "
-            f"containers, and loading it could run code. If you trust it, convert it to .safetensors in an "
-            f"isolated environment first. ({str(err).splitlines()[0]})"
-        ) from err
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
-    metadata = {k: v for k, v in data.items() if k != "state_dict"} if isinstance(data, Mapping) else {}
-    if isinstance(data, Mapping) and "state_dict" not in data:
-        metadata = {k: v for k, v in metadata.items() if not isinstance(v, torch.Tensor)}
-    return unwrap_state_dict(data, path), metadata
-
-
-def read_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu") -> StateDict:
-    """Read a `.safetensors`, `.ckpt` or `.pth` file into a flat {key: tensor} dict (see read_checkpoint)."""
-    return read_checkpoint(path, location)[0]
-
-
-def unwrap_state_dict(data: object, source: str | os.PathLike = "<checkpoint>") -> StateDict:
-    """The tensors of a checkpoint dict, taken from its `state_dict` entry when it has one."""
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(data).__name__}")
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{source}: holds no tensors (keys: {list(data)[:10]})")
-    return tensors
 
 
 @dataclass

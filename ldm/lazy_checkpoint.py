@@ -1,4 +1,6 @@
-"""Reading and writing checkpoints one tensor at a time, so a multi-GB file never sits in memory twice.
+"""The one checkpoint reader, and a writer: one tensor at a time, so a multi-GB file never sits in memory
+twice. Reading never unpickles code: a pickle that holds anything but tensors and plain containers is
+refused (`CheckpointError`, one message for every caller).
 
 `open_lazy(path)` gives the keys, shapes and dtypes of a checkpoint without reading its tensors, and
 reads a tensor only when asked:
@@ -7,6 +9,10 @@ reads a tensor only when asked:
 - `.ckpt` / `.pth` / `.pt`: `torch.load(mmap=True, weights_only=True)`; tensors are views of the
   mapped file (clean file pages the kernel can drop at will). Files in the pre-1.6 non-zip format
   cannot be mapped and are read whole.
+
+`read_checkpoint(path)` / `read_state_dict(path)` read every tensor into fresh memory (`.safetensors`
+through `open_lazy`, pickles with `torch.load(weights_only=True)` and no mapping, so the result does not
+depend on the file staying in place).
 
 `write_safetensors` streams a state dict to disk from a `key -> tensor` callback: header first (from the
 shapes and dtypes), then one tensor at a time. The format is the safetensors spec: an 8-byte
@@ -25,8 +31,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import CheckpointError, unwrap_state_dict
-
 HEADER_LENGTH_BYTES = 8
 # safetensors aligns the data section to 8 bytes by padding the JSON header with spaces.
 HEADER_ALIGNMENT = 8
@@ -37,6 +41,77 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def unwrap_state_dict(data: object, source: str | os.PathLike = "<checkpoint>") -> StateDict:
+    """The tensors of a checkpoint dict, taken from its `state_dict` entry when it has one."""
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(data).__name__}")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source}: holds no tensors (keys: {list(data)[:10]})")
+    return tensors
+
+
+def _metadata(data: object) -> dict:
+    """Everything of a loaded pickle beside its tensors (Lightning `hyper_parameters`, `global_step`, ...)."""
+    if not isinstance(data, Mapping):
+        return {}
+    return {k: v for k, v in data.items() if k != "state_dict" and not isinstance(v, torch.Tensor)}
+
+
+def _torch_load(path: Path, location: str | torch.device = "cpu", mmap: bool = False) -> object:
+    """torch.load(weights_only=True), the only way a pickle is read; code in the file is refused."""
+    try:
+        try:
+            return torch.load(path, map_location=location, weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            # Pre-1.6 (non-zip) pickles cannot be mapped: read them whole.
+            return torch.load(path, map_location=location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load. The file contains pickled objects other than tensors and plain "
+            f"containers, and loading it could run code. If you trust it, convert it to .safetensors in an "
+            f"isolated environment first. ({str(err).splitlines()[0]})"
+        ) from err
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+
+
+def _checkpoint_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu") -> tuple[StateDict, dict]:
+    """Read a `.safetensors`, `.ckpt` or `.pth` file whole: (flat {key: tensor} state dict, metadata).
+
+    The metadata is everything beside the tensors: a Lightning checkpoint's `hyper_parameters`,
+    `global_step`, ... or a safetensors file's string metadata.
+    """
+    path = _checkpoint_path(path)
+    if path.suffix == ".safetensors":
+        with _open_safetensors(path) as checkpoint:
+            return {key: checkpoint[key].to(location) for key in checkpoint.specs}, checkpoint.metadata
+    data = _torch_load(path, location)
+    return unwrap_state_dict(data, path), _metadata(data)
+
+
+def read_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu") -> StateDict:
+    """Read a `.safetensors`, `.ckpt` or `.pth` file into a flat {key: tensor} dict (see read_checkpoint)."""
+    return read_checkpoint(path, location)[0]
 
 
 @dataclass(frozen=True)
@@ -94,9 +169,7 @@ class LazyCheckpoint:
 
 def open_lazy(path: str | os.PathLike) -> LazyCheckpoint:
     """Open a `.safetensors`, `.ckpt`, `.pth` or `.pt` checkpoint without reading its tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = _checkpoint_path(path)
     if path.suffix == ".safetensors":
         return _open_safetensors(path)
     return _open_torch(path)
@@ -145,6 +218,8 @@ def _read_safetensors_header(file, path: Path) -> tuple[dict, int]:
     if len(prefix) != HEADER_LENGTH_BYTES:
         raise CheckpointError(f"{path}: not a safetensors file (shorter than its header length field)")
     length = int.from_bytes(prefix, "little")
+    if length > os.fstat(file.fileno()).st_size - HEADER_LENGTH_BYTES:  # e.g. any other file's first bytes
+        raise CheckpointError(f"{path}: not a safetensors file (header length {length} exceeds the file)")
     raw = file.read(length)
     try:
         header = json.loads(raw)
@@ -156,23 +231,9 @@ def _read_safetensors_header(file, path: Path) -> tuple[dict, int]:
 
 
 def _open_torch(path: Path) -> LazyCheckpoint:
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            # Pre-1.6 (non-zip) pickles cannot be mapped: read them whole.
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load. The file contains pickled objects other than tensors and plain "
-            f"containers, and loading it could run code. ({str(err).splitlines()[0]})") from err
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    data = _torch_load(path, mmap=True)
     tensors = unwrap_state_dict(data, path)
-    metadata = {k: v for k, v in data.items() if k != "state_dict" and not isinstance(v, torch.Tensor)} \
-        if isinstance(data, Mapping) else {}
+    metadata = _metadata(data)
     specs = {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in tensors.items()}
     return LazyCheckpoint(path, specs, metadata, tensors.__getitem__)
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from cldm.model import create_model, load_model, load_state_dict
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
+from ldm.lazy_checkpoint import open_lazy
 from tests.reference import TINY_CONFIG, manifest, tiny_weights
 
 MODELS = Path(__file__).parent.parent / "models"
@@ -40,8 +41,11 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as eager:
         read_state_dict(path)
+    with pytest.raises(CheckpointError, match="refused") as lazy:
+        open_lazy(path)
+    assert str(eager.value) == str(lazy.value)  # one refusal path for both readers
     assert not marker.exists()
     # the same content without the payload reads fine: it is the code that is refused, not the format
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "plain.ckpt")
