@@ -202,6 +202,8 @@ def test_constructor_rejects_bad_arguments(tiny_params):
         AutoencoderKL({**ddconfig, "double_z": False}, embed_dim=4)
     with pytest.raises(ValueError, match="attention"):
         AutoencoderKL(ddconfig, embed_dim=4, attention="xformers")
+    with pytest.raises(TypeError, match="attn_resolution"):  # a misspelled ddconfig key, by name
+        AutoencoderKL({**ddconfig, "attn_resolution": []}, embed_dim=4)
     with pytest.warns(UserWarning, match="LPIPSWithDiscriminator"):
         AutoencoderKL(ddconfig, {"target": "ldm.modules.losses.LPIPSWithDiscriminator"}, 4)
     with pytest.warns(UserWarning, match="ema_decay"):

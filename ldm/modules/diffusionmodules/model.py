@@ -9,6 +9,7 @@ latent-diffusion, so released checkpoints load without renaming.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -133,48 +134,51 @@ class MiddleBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
-def _reject_linear_attn(use_linear_attn: bool) -> None:
-    if use_linear_attn:
-        raise NotImplementedError("ddconfig use_linear_attn=True (LinAttnBlock) is not supported")
+@dataclass(frozen=True, kw_only=True)
+class DDConfig:
+    """The original's `ddconfig` fields, the one definition of the Encoder's and the Decoder's keyword
+    arguments (an unknown key is a TypeError naming it). One ddconfig builds both halves: `double_z` and
+    `in_channels` are encoder-only, `give_pre_end`, `tanh_out` and `out_ch` decoder-only."""
+
+    ch: int
+    out_ch: int
+    ch_mult: Sequence[int] = (1, 2, 4, 8)
+    num_res_blocks: int
+    attn_resolutions: Sequence[int]
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    in_channels: int
+    resolution: int
+    z_channels: int
+    double_z: bool = True
+    give_pre_end: bool = False
+    tanh_out: bool = False
+    use_linear_attn: bool = False
+    attn_type: str = "vanilla"
+
+    def __post_init__(self) -> None:
+        if self.use_linear_attn:
+            raise NotImplementedError("ddconfig use_linear_attn=True (LinAttnBlock) is not supported")
 
 
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) in [-1, 1] -> latent moments (B, 2*z_channels or z_channels, h, w)
     with h = H / 2**(len(ch_mult) - 1).
 
-    Keyword arguments are the original ddconfig fields; `give_pre_end` and `tanh_out` are decoder-only
-    and accepted here so that one ddconfig builds both halves.
+    Keyword arguments: the `DDConfig` fields and the attention kernel.
     """
 
-    def __init__(
-        self,
-        *,
-        ch: int,
-        out_ch: int,
-        ch_mult: Sequence[int] = (1, 2, 4, 8),
-        num_res_blocks: int,
-        attn_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        resamp_with_conv: bool = True,
-        in_channels: int,
-        resolution: int,
-        z_channels: int,
-        double_z: bool = True,
-        give_pre_end: bool = False,
-        tanh_out: bool = False,
-        use_linear_attn: bool = False,
-        attn_type: str = "vanilla",
-        attention: AttentionKind = "sdpa",
-    ):
+    def __init__(self, *, attention: AttentionKind = "sdpa", **ddconfig):
         super().__init__()
-        _reject_linear_attn(use_linear_attn)
+        config = DDConfig(**ddconfig)
+        ch, ch_mult, num_res_blocks, dropout = config.ch, config.ch_mult, config.num_res_blocks, config.dropout
+        in_channels, current_res, attn_type = config.in_channels, config.resolution, config.attn_type
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
         self.in_channels = in_channels
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
 
         in_ch_mult = (1, *ch_mult)
-        current_res = resolution
         self.down = nn.ModuleList()
         for level, mult in enumerate(ch_mult):
             block_in, block_out = ch * in_ch_mult[level], ch * mult
@@ -184,17 +188,18 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 stage.block.append(ResnetBlock(block_in, block_out, dropout))
                 block_in = block_out
-                if current_res in attn_resolutions:
+                if current_res in config.attn_resolutions:
                     stage.attn.append(make_attn(block_in, attn_type, attention))
             if level != self.num_resolutions - 1:
-                stage.downsample = Downsample(block_in, resamp_with_conv)
+                stage.downsample = Downsample(block_in, config.resamp_with_conv)
                 current_res //= 2
             self.down.append(stage)
 
         self.mid = MiddleBlock(block_in, dropout, attn_type, attention)
 
         self.norm_out = Normalize(block_in)
-        moment_channels = 2 * z_channels if double_z else z_channels  # mean and logvar when double_z
+        # mean and logvar when double_z
+        moment_channels = 2 * config.z_channels if config.double_z else config.z_channels
         self.conv_out = nn.Conv2d(block_in, moment_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,39 +221,22 @@ class Decoder(nn.Module):
 
     `up[i]` is the stage at the resolution of encoder stage `down[i]`; it runs in reverse order
     (`up[len(ch_mult) - 1]` first) and holds `num_res_blocks + 1` ResnetBlocks. With `give_pre_end`
-    the features before the output norm/conv are returned. `double_z` and `in_channels` are
-    encoder-only and accepted so that one ddconfig builds both halves.
+    the features before the output norm/conv are returned. Keyword arguments: the `DDConfig` fields
+    and the attention kernel.
     """
 
-    def __init__(
-        self,
-        *,
-        ch: int,
-        out_ch: int,
-        ch_mult: Sequence[int] = (1, 2, 4, 8),
-        num_res_blocks: int,
-        attn_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        resamp_with_conv: bool = True,
-        in_channels: int,
-        resolution: int,
-        z_channels: int,
-        double_z: bool = True,
-        give_pre_end: bool = False,
-        tanh_out: bool = False,
-        use_linear_attn: bool = False,
-        attn_type: str = "vanilla",
-        attention: AttentionKind = "sdpa",
-    ):
+    def __init__(self, *, attention: AttentionKind = "sdpa", **ddconfig):
         super().__init__()
-        _reject_linear_attn(use_linear_attn)
+        config = DDConfig(**ddconfig)
+        ch, ch_mult, num_res_blocks, dropout = config.ch, config.ch_mult, config.num_res_blocks, config.dropout
+        attn_type = config.attn_type
         self.num_resolutions = len(ch_mult)
-        self.give_pre_end = give_pre_end
-        self.tanh_out = tanh_out
+        self.give_pre_end = config.give_pre_end
+        self.tanh_out = config.tanh_out
 
         block_in = ch * ch_mult[-1]
-        current_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
+        current_res = config.resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, kernel_size=3, padding=1)
 
         self.mid = MiddleBlock(block_in, dropout, attn_type, attention)
 
@@ -261,16 +249,16 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 stage.block.append(ResnetBlock(block_in, block_out, dropout))
                 block_in = block_out
-                if current_res in attn_resolutions:
+                if current_res in config.attn_resolutions:
                     stage.attn.append(make_attn(block_in, attn_type, attention))
             if level != 0:
-                stage.upsample = Upsample(block_in, resamp_with_conv)
+                stage.upsample = Upsample(block_in, config.resamp_with_conv)
                 current_res *= 2
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, config.out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

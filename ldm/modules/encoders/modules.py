@@ -73,6 +73,14 @@ class FrozenTextEmbedder(nn.Module):
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
 
+    def _set_options(self, version: str, max_length: int, positions: int, layer: str) -> None:
+        """Keep the options both encoders have; max_length must fit the model's `positions`."""
+        if max_length > positions:
+            raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
+        self.version = version
+        self.max_length = max_length
+        self.layer = layer
+
     def freeze(self) -> None:
         """Eval mode and no gradients for every parameter."""
         self.eval()
@@ -136,11 +144,7 @@ class FrozenCLIPEmbedder(FrozenTextEmbedder):
                 f"layer='hidden' needs layer_idx in [-{config.num_hidden_layers}, "
                 f"{config.num_hidden_layers}], got {layer_idx}"
             )
-        if max_length > config.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds {config.max_position_embeddings} positions")
-        self.version = version
-        self.max_length = max_length
-        self.layer = layer
+        self._set_options(version, max_length, config.max_position_embeddings, layer)
         self.layer_idx = layer_idx
         self.tokenizer = CLIPTokenizer(max_length=max_length)
         self.transformer = CLIPTextModelHolder(config)
@@ -204,12 +208,8 @@ class FrozenOpenCLIPEmbedder(FrozenTextEmbedder):
         if unknown := sorted(set(overrides) - known):
             raise ValueError(f"text_config has unknown fields {unknown}; known: {sorted(known)}")
         config = replace(OPEN_CLIP_TEXT_CONFIGS[arch], **overrides)
-        if max_length > config.context_length:
-            raise ValueError(f"max_length {max_length} exceeds the context length {config.context_length}")
+        self._set_options(version, max_length, config.context_length, layer)
         self.arch = arch
-        self.version = version
-        self.max_length = max_length
-        self.layer = layer
         # How many final blocks the original's encode_with_transformer leaves out.
         self.layer_idx = self.LAYERS.index(layer)
         # open_clip.tokenize: HTML unescaped after ftfy, padded with 0.
