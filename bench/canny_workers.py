@@ -1,6 +1,6 @@
 """Benchmark: the dataset build's Canny stage in N worker processes vs one process, on the same images.
 
-The stage is what prepare_dataset.py runs per image: decode the photo, Canny at the default thresholds,
+The stage is what prepare_dataset.py (dataset.build) runs per image: decode the photo, Canny at the default thresholds,
 write the target JPEG and the edge PNG. Times include starting the worker processes, as a real run pays
 it. Prints images/s for both and the ratio.
 
@@ -24,7 +24,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotator.pairs import PairJob, PairSettings  # noqa: E402
-from prepare_dataset import make_pairs  # noqa: E402
 
 DEFAULT_IMAGES = 96
 DEFAULT_SIZE = (640, 480)  # (width, height): a Stanford Dogs photo is about 500x375
@@ -56,6 +55,10 @@ def cpu_seconds() -> float:
 
 def time_stage(photos: list[Path], workers: int, folder: Path) -> tuple[float, float]:
     """(wall seconds, CPU seconds) to make every pair with `workers` processes (1: in this process)."""
+    # Imported here: spawned workers re-run this script's top-level imports, and the build's package
+    # brings torch, which would add its start-up to every worker (dataset/build/workers.py).
+    from dataset.build import make_pairs
+
     output = folder / f"pairs-{workers}"
     output.mkdir()
     jobs = [PairJob(photo, photo.name, output / f"{photo.stem}.jpg", output / f"{photo.stem}.png",

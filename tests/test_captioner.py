@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from captioner import BlipCaptioner, CaptionSettings, CheckpointError, load_captioner
 from captioner.convert import interpolate_position_embedding
-from captioner.download import cached_download
 from captioner.preprocess import pixel_values
 from captioner.text import decode_caption
+from common.download import cached_download
 from tests.tiny_blip import TINY_BLIP_CHECKPOINT, TINY_BLIP_REFERENCE, write_tiny_blip
 
 REFERENCE = TINY_BLIP_REFERENCE
@@ -209,7 +209,7 @@ def test_checkpoint_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch,
         shutil.copyfile(REFERENCE / side_file, cached.parent / side_file)
     assert load_captioner(url, device="cpu").caption(images[:1]) == expected_captions(reference, 3)[:1]
     with pytest.raises(CheckpointError, match="cannot download"):
-        cached_download((source_dir / "absent.pth").as_uri(), progress=False)
+        load_captioner((source_dir / "absent.pth").as_uri(), device="cpu")
 
 
 def test_position_embedding_interpolation_keeps_class_token_and_grid():

@@ -17,15 +17,8 @@ from PIL import Image
 
 from annotator import CannyThresholds, canny, read_image_rgb
 from dataset import PROMPT_FILE, PromptEntry
-from prepare_dataset import (
-    BUILD_DIR,
-    SKIPPED_FILE,
-    BuildConfig,
-    build_dataset,
-    list_input_files,
-    main,
-    pair_names,
-)
+from dataset.build import BUILD_DIR, SKIPPED_FILE, BuildConfig, build_dataset, list_input_files, pair_names
+from prepare_dataset import main
 from tests.image_cases import BAD_FILES, GOOD_FILES, caption_of, mean_captions, write_input_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,8 +84,9 @@ def reference_build(uncaptioned_tree, tmp_path_factory) -> Path:
 
 
 def test_workers_do_not_pay_for_torch():
-    # Spawned Canny workers re-run the script's imports; the note on imports in prepare_dataset.py says why.
-    probe = "import sys, prepare_dataset; print('torch' in sys.modules)"
+    # Spawned Canny workers re-run the script's imports, then unpickle annotator.pairs' work (the note in
+    # dataset/build/workers.py says why neither may bring torch).
+    probe = "import sys, prepare_dataset, annotator.pairs; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
 
@@ -180,7 +174,7 @@ def test_cli_with_tiny_blip_in_both_formats_gives_the_same_captions(tmp_path):
 KILLABLE_BUILD = """
 import sys
 from pathlib import Path
-from prepare_dataset import BuildConfig, build_dataset
+from dataset.build import BuildConfig, build_dataset
 from tests.image_cases import slow_mean_captions
 build_dataset(BuildConfig(input=sys.argv[1], output=Path(sys.argv[2]), workers=2, batch_size=1), slow_mean_captions)
 """
@@ -318,7 +312,8 @@ def test_txt_captions_where_present_the_captioner_for_the_rest(tmp_path):
 
 
 def test_auto_workers_start_processes_only_for_large_inputs():
-    from prepare_dataset import IMAGES_PER_WORKER, _workers, auto_workers
+    from dataset.build import IMAGES_PER_WORKER, auto_workers
+    from prepare_dataset import _workers
     assert auto_workers(96, cpu_count=8) == 1  # a small build: start-up would cost more than it saves
     assert auto_workers(3 * IMAGES_PER_WORKER, cpu_count=8) == 3
     assert auto_workers(20_000, cpu_count=8) == 8  # Stanford Dogs: every core
