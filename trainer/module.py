@@ -76,6 +76,15 @@ def training_model_config(config_path: str | os.PathLike, attention: AttentionKi
     return model_config
 
 
+def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None) -> None:
+    if not 0.0 <= prompt_dropout <= 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if locked_dtype is not None and locked_dtype not in LOCKED_DTYPES:
+        raise ValueError(f"locked_dtype must be None or one of {sorted(LOCKED_DTYPES)}, got {locked_dtype!r}")
+
+
 def _check_plain(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
@@ -143,22 +152,14 @@ class ControlNetTrainer(L.LightningModule):
                  locked_dtype: str | None = None, fused_adamw: bool = True, channels_last: bool = False,
                  **training_options: Any):
         super().__init__()
-        if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        if locked_dtype is not None and locked_dtype not in LOCKED_DTYPES:
-            raise ValueError(f"locked_dtype must be None or one of {sorted(LOCKED_DTYPES)}, got {locked_dtype!r}")
+        _check_options(prompt_dropout, seed, locked_dtype)
         model_config = copy.deepcopy(dict(model_config))
         _check_plain(model_config, "model_config")
         _check_plain(training_options, "training_options")
+        # Every argument goes into the checkpoint (hparams), so a checkpoint rebuilds its trainer alone.
         self.save_hyperparameters()
-        self.learning_rate = learning_rate
-        self.sd_locked = sd_locked
-        self.prompt_dropout = prompt_dropout
-        self.seed = seed
-        self.locked_dtype = locked_dtype
-        self.fused_adamw = fused_adamw
+        self.learning_rate, self.sd_locked, self.prompt_dropout = learning_rate, sd_locked, prompt_dropout
+        self.seed, self.locked_dtype, self.fused_adamw = seed, locked_dtype, fused_adamw
         self.model = instantiate_from_config(model_config)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
