@@ -15,9 +15,9 @@ import sys
 import torch
 
 from cldm.add_control import DEFAULT_SEED, add_control
+from cldm.inference_loading import DEFAULT_CONFIG
 from ldm.checkpoint import CheckpointError
 
-DEFAULT_CONFIG = "./models/cldm_v15.yaml"
 DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -45,6 +45,7 @@ from ldm.lazy_checkpoint import open_lazy
 from ldm.modules.attention import AttentionKind
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
+from trainer.logger import DEFAULT_DDIM_STEPS, DEFAULT_GUIDANCE_SCALE, DEFAULT_MAX_IMAGES
 from trainer.resumable_data import derived_seed
 
 # Devices with PyTorch's fused AdamW kernel (the fp32 trainable weights qualify).
@@ -287,9 +288,9 @@ class ControlNetTrainer(L.LightningModule):
 
     # ---- images for the log -------------------------------------------------------------------------
     @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Any], max_images: int = 4, ddim_steps: int = 50,
-                   guidance_scale: float = 9.0, eta: float = 0.0,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def log_images(self, batch: Mapping[str, Any], max_images: int = DEFAULT_MAX_IMAGES,
+                   ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                   eta: float = 0.0, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Images of the first `max_images` pairs of a batch of either kind, each (N, 3, H, W) in [0, 1]:
         "reconstruction" (the target's posterior mean through the VAE decoder), "control" (the hint) and
         "samples" (DDIM with classifier-free guidance against the "" prompt, the same hint in both
