@@ -43,6 +43,7 @@ HINT_RANGE = (0.0, 1.0)
 UINT8_MAX = 255.0
 # Missing files are listed up to this many in the error, then counted.
 MAX_LISTED_MISSING = 20
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 class DatasetError(ValueError):
@@ -89,8 +90,9 @@ def read_prompt_file(root: str | Path) -> list[PromptEntry]:
     if not prompt_path.is_file():
         raise DatasetError(f"{prompt_path} not found: is {root} a dataset folder?")
     entries = []
-    with open(prompt_path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with open(prompt_path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            line = _decode_line(prompt_path, line_number, raw)
             if line.strip():
                 entries.append(_parse_line(root, prompt_path, line_number, line))
     if not entries:
@@ -103,6 +105,23 @@ def read_prompt_file(root: str | Path) -> list[PromptEntry]:
         more = f"\n  ... and {unlisted} more" if unlisted > 0 else ""
         raise DatasetError(f"{len(missing)} file(s) named in {prompt_path} are missing:\n  {listed}{more}")
     return entries
+
+
+def _decode_line(prompt_path: Path, line_number: int, raw: bytes) -> str:
+    """One line of prompt.json as text; JSON lines are UTF-8 (a UTF-8 byte-order mark is tolerated).
+    Windows editors and Excel exports write UTF-16 or latin-1: name the line instead of a UnicodeDecodeError."""
+    where = f"{prompt_path} line {line_number}"
+    if line_number == 1 and raw.startswith(UTF16_BOMS):
+        raise DatasetError(f"{where}: the file is UTF-16 text (byte-order mark); save it as UTF-8")
+    if b"\0" in raw:
+        column = raw.index(b"\0") + 1
+        raise DatasetError(f"{where}: a NUL byte at byte {column} (UTF-16 text or a damaged file?); "
+                           f"prompt.json must be UTF-8 JSON lines")
+    try:
+        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{where}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1}; latin-1 or "
+                           f"another legacy encoding?); save prompt.json as UTF-8") from err
 
 
 def _parse_line(root: Path, prompt_path: Path, line_number: int, line: str) -> PromptEntry:

@@ -230,3 +230,24 @@ def test_reads_what_prepare_dataset_writes(tmp_path):
     levels = torch.unique(batch["hint"])
     assert levels[0] == 0.0 and levels[-1] > 0.5 and len(levels) > 2  # edges, softened by the resize
     assert all(prompt.startswith("mean ") for prompt in batch["txt"])
+
+
+@pytest.mark.parametrize("content, line, message", [
+    ('{"source": "source/0.png", "target": "target/0.png", "prompt": "a\x00b"}\n', 1, "NUL byte at byte 66"),
+    ("\n".join(['{"source": "source/0.png", "target": "target/0.png", "prompt": "p"}'] * 2)
+     .encode("utf-16"), 1, "UTF-16"),
+    ('{"source": "source/0.png", "target": "target/0.png", "prompt": "p"}\n'
+     '{"source": "source/1.png", "target": "target/1.png", "prompt": "caf\xe9"}\n'.encode("latin-1"), 2,
+     r"not UTF-8 \(byte 0xe9 at byte 68"),
+])
+def test_prompt_file_in_another_encoding_names_the_line(root, content, line, message):
+    path = root / PROMPT_FILE
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(DatasetError, match=rf"{PROMPT_FILE} line {line}: .*{message}"):
+        read_prompt_file(root)
+
+
+def test_prompt_file_with_a_utf8_byte_order_mark_reads(root):
+    path = root / PROMPT_FILE
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [entry.prompt for entry in read_prompt_file(root)] == [f"prompt {i}" for i in range(PAIRS)]
