@@ -19,6 +19,9 @@ good checkpoint stays), 128 + signal number after Ctrl-C (130) or SIGTERM (143) 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
+import math
 import re
 import signal
 import sys
@@ -29,13 +32,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import StrategyRegistry
+from omegaconf.errors import OmegaConfBaseException
 
 from cldm.inference_loading import DEFAULT_CONFIG
+from cldm.model import load_config
 from dataset import ControlDataset, DatasetError
 from ldm.checkpoint import CheckpointError
+from ldm.lazy_checkpoint import open_lazy
 from ldm.modules.attention import ATTENTION_KINDS
+from ldm.util import get_obj_from_str
 from trainer import checkpointing
 from trainer import logger as image_logger
 from trainer.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
@@ -128,6 +138,32 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    """A step or epoch count: 0 or more, or -1 for no limit (Lightning's convention)."""
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, or -1 for no limit, got {value}")
+    return value
+
+
+def _devices(text: str) -> str:
+    """Lightning's --devices string: 'auto', a count, -1 (all), or a comma-separated list of indices."""
+    text = text.strip()
+    if text in ("auto", "-1") or text.isdigit() and int(text) > 0:
+        return text
+    indices = [part.strip() for part in text.split(",")]
+    if len(indices) > 1 and all(part.isdigit() for part in indices if part) and any(indices):
+        return text
+    raise argparse.ArgumentTypeError(f"want 'auto', a count (2), -1 (all) or a list of indices (0,1), got {text!r}")
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -182,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
-    train.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
+    train.add_argument("--lr", type=_positive_float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
     train.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
                        help="auto: bf16-mixed on CUDA GPUs with bf16 (compute capability 8.0+: A100, L4, RTX 30xx "
                             "and newer), 16-mixed on older ones (T4, V100), 32 (the original's) on CPU and MPS")
@@ -197,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "bench/train_step.py's cpu preset) and often on GPUs with mixed precision (cuDNN)")
     train.add_argument("--accumulate-grad-batches", type=_positive_int, default=1,
                        help="batches per optimizer step")
-    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps in total (-1: no limit)")
-    train.add_argument("--max-epochs", type=int, default=None,
+    train.add_argument("--max-steps", type=_limit, default=-1, help="optimizer steps in total (-1: no limit)")
+    train.add_argument("--max-epochs", type=_limit, default=None,
                        help="epochs in total (default: no limit when --max-steps is not given either)")
     train.add_argument("--max-time", type=parse_duration, default=None,
                        help="wall-clock limit of this invocation, DD:HH:MM:SS or e.g. '1 day' (the Stanford Dogs "
@@ -224,16 +260,85 @@ def build_parser() -> argparse.ArgumentParser:
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--accelerator", default="auto", help="auto, gpu, cpu, mps, ... (Lightning)")
-    hardware.add_argument("--devices", default="auto", help="auto, a count (2) or a list (0,1) (Lightning)")
+    hardware.add_argument("--devices", type=_devices, default="auto",
+                          help="auto, a count (2) or a list (0,1) (Lightning)")
     hardware.add_argument("--strategy", default="auto",
                           help="auto, ddp, deepspeed_stage_2, ... (Lightning; deepspeed needs the deepspeed "
                                "package and writes checkpoint folders)")
     return parser
 
 
+def _check_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """A folder to create or reuse: neither it nor any folder above it may be a file."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == Path(folder) else f": {path} is a file"
+                parser.error(f"{flag} {folder}{where or ' is a file'}, not a folder")
+            return
+
+
+def _required_parameters(cls: type) -> list[str]:
+    """The arguments without defaults of `cls` and of the bases that its **kwargs pass on to."""
+    required = []
+    for base in cls.__mro__:
+        if "__init__" not in vars(base) or base is object:
+            continue
+        parameters = list(inspect.signature(base.__init__).parameters.values())[1:]
+        required += [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                       p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return required
+
+
+def _check_config(parser: argparse.ArgumentParser, config: str) -> None:
+    """The model config parses and gives its model class every argument it needs (before any model loads)."""
+    try:
+        model = load_config(config)["model"]
+        target = get_obj_from_str(model["target"])
+    except yaml.MarkedYAMLError as err:
+        line = f" at line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        parser.error(f"--config {config}: not valid YAML{line} ({err.problem or err.context})")
+    except (OSError, KeyError, TypeError, ImportError, AttributeError, ValueError, yaml.YAMLError,
+            OmegaConfBaseException) as err:
+        parser.error(f"--config {config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    params = model.get("params")
+    missing = [name for name in _required_parameters(target) if not isinstance(params, dict) or name not in params]
+    if missing:
+        parser.error(f"--config {config}: model.params lacks {', '.join(missing)} (needed by {model['target']})")
+
+
+def _check_hardware(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--accelerator, --devices and --strategy name something that this machine has (Lightning would
+    otherwise stop with a traceback)."""
+    accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    if args.accelerator not in accelerators:
+        parser.error(f"--accelerator {args.accelerator!r}: choose from {', '.join(accelerators)}")
+    names = {"gpu": ("cuda", "mps"), "auto": ("cuda", "mps", "cpu")}.get(args.accelerator, (args.accelerator,))
+    found = [name for name in names if AcceleratorRegistry[name]["accelerator"].is_available()]
+    if not found:
+        parser.error(f"--accelerator {args.accelerator}: no {' or '.join(names)} device on this machine "
+                     f"(use --accelerator cpu)")
+    if found[0] == "cpu" and args.devices != "auto" and not args.devices.isdigit():
+        parser.error(f"--devices {args.devices}: on the CPU give a count of processes (e.g. 1)")
+    if found[0] == "cuda" and args.devices.isdigit() and int(args.devices) > torch.cuda.device_count():
+        parser.error(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    strategies = sorted({"auto", *StrategyRegistry.available_strategies()})
+    if args.strategy not in strategies:
+        parser.error(f"--strategy {args.strategy!r}: choose from {', '.join(strategies)}")
+    if "deepspeed" in args.strategy and importlib.util.find_spec("deepspeed") is None:
+        parser.error(f"--strategy {args.strategy} needs the deepspeed package (pip install deepspeed)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_folder(parser, "--output-dir", args.output_dir)
+    if args.cache_dir is not None:
+        _check_folder(parser, "--cache-dir", args.cache_dir)
+    _check_config(parser, args.config)
+    _check_hardware(parser, args)
     if args.resolution % RESOLUTION_MULTIPLE:
         parser.error(f"--resolution must be a multiple of {RESOLUTION_MULTIPLE} (the VAE and the UNet downsample "
                      f"by 64 in all), got {args.resolution}")
@@ -321,6 +426,12 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         # The dataset first: a bad prompt.json should not wait for a 1.4 B-parameter model to load.
         dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop,
                                  seed=args.seed)
+        if len(dataset) < args.batch_size * trainer.world_size:
+            print(f"error: --batch-size {args.batch_size}: {args.data} has {len(dataset)} pairs, fewer than one "
+                  f"batch for each of {trainer.world_size} device(s)", file=sys.stderr)
+            return 2
+        if resume is not None and resume.is_file():
+            open_lazy(resume).close()  # a refused or unreadable file: one line naming it, before the model loads
         module = build_module(args, load_init=resume is None, precision=str(trainer.precision))
     except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
