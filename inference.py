@@ -12,9 +12,10 @@ image and a grid (control first) as PNG under --output. The notebook calls `main
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
             "worst quality, low quality")
 NUM_SAMPLES = 1
+# Samples per sampling call: a larger --num-samples runs in batches of this many, each saved as it is done,
+# so memory stays that of one batch (the original's app samples them all at once, up to 12).
+BATCH_SIZE = 4
 RESOLUTION = 512
 STEPS = 20
 STRENGTH = 1.0
@@ -42,6 +46,7 @@ RANDOM_SEED = -1
 MAX_RANDOM_SEED = 65535  # the original draws random.randint(0, 65535)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRID_COLUMNS = 4
+GRID_MAX_SAMPLES = 63  # the grid shows the control and at most this many samples (16 rows of 4)
 
 
 def resolve_seed(seed: int) -> int:
@@ -49,31 +54,46 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_RANDOM_SEED) if seed == RANDOM_SEED else seed
 
 
+def generate(model: torch.nn.Module, control: np.ndarray, prompt: str, *, num_samples: int = NUM_SAMPLES,
+             batch_size: int = BATCH_SIZE, **options) -> list[Image.Image]:
+    """Sample `num_samples` images guided by a control image, as the original canny app does; the options
+    and the result are those of `generate_batches`, whose batches this joins into one list."""
+    return [image for batch in generate_batches(model, control, prompt, num_samples=num_samples,
+                                                batch_size=batch_size, **options) for image in batch]
+
+
 @torch.no_grad()
-def generate(model: torch.nn.Module, control: np.ndarray, prompt: str, *, a_prompt: str = A_PROMPT,
-             n_prompt: str = N_PROMPT, num_samples: int = NUM_SAMPLES, steps: int = STEPS,
-             guess_mode: bool = False, strength: float = STRENGTH, scale: float = SCALE, seed: int = RANDOM_SEED,
-             eta: float = ETA, precision: str = "fp32", progress: bool = True) -> list[Image.Image]:
-    """Sample `num_samples` images guided by a control image, as the original canny app does.
+def generate_batches(model: torch.nn.Module, control: np.ndarray, prompt: str, *, a_prompt: str = A_PROMPT,
+                     n_prompt: str = N_PROMPT, num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE,
+                     steps: int = STEPS, guess_mode: bool = False, strength: float = STRENGTH,
+                     scale: float = SCALE, seed: int = RANDOM_SEED, eta: float = ETA, precision: str = "fp32",
+                     progress: bool = True) -> Iterator[list[Image.Image]]:
+    """Sample `num_samples` images guided by a control image, `batch_size` per sampling call, yielding
+    each batch as it is done (so memory holds one batch, whatever `num_samples` is).
 
     model: a ControlLDM (e.g. from `load_for_inference`), on any device. control: HWC uint8 RGB, sides
     multiples of 64 (see cldm.hint); the samples have its size. The prompt is "prompt, a_prompt"; n_prompt
     is the unconditional (negative) prompt, weighted by the guidance `scale`. guess_mode: damp the
     shallow control residuals and drop the control from the unconditional branch, so the model guesses
     the content from the control alone. seed: -1 for random. precision: "fp32", or autocast "fp16"/"bf16".
-    Returns RGB PIL images.
+    One generator seeded once draws every batch's noise, so the first `batch_size` samples are the same
+    whatever `num_samples` is. Yields lists of RGB PIL images.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(resolve_seed(seed))
     full_prompt = f"{prompt}, {a_prompt}" if a_prompt else prompt
-    pixels = sample_images(
-        model, hint_tensor(control, num_samples, device), [full_prompt] * num_samples, negative_prompt=n_prompt,
-        steps=steps, eta=eta, guidance_scale=scale, generator=generator,
-        control_scales=control_scales(model.control_model.num_controls, strength, guess_mode),
-        guess_mode=guess_mode, precision=PRECISIONS[precision], progress=progress)
-    return [Image.fromarray(p) for p in pixels]
+    scales = control_scales(model.control_model.num_controls, strength, guess_mode)
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        pixels = sample_images(
+            model, hint_tensor(control, count, device), [full_prompt] * count, negative_prompt=n_prompt,
+            steps=steps, eta=eta, guidance_scale=scale, generator=generator, control_scales=scales,
+            guess_mode=guess_mode, precision=PRECISIONS[precision], progress=progress)
+        yield [Image.fromarray(p) for p in pixels]
 
 
 def image_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Image.Image:
@@ -85,6 +105,37 @@ def image_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Im
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text!r}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    """'auto' (cuda if available, else cpu) or a torch device that this machine has: cpu, cuda, cuda:1, mps."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"want auto, cpu, cuda, cuda:N or mps, got {text!r}") from err
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"want auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,20 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="", help="what to draw")
     parser.add_argument("--a-prompt", default=A_PROMPT, help="added to the prompt")
     parser.add_argument("--n-prompt", default=N_PROMPT, help="negative prompt")
-    parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
+    parser.add_argument("--num-samples", type=_count, default=NUM_SAMPLES)
+    parser.add_argument("--batch-size", type=_count, default=BATCH_SIZE,
+                        help="samples per sampling call (a larger --num-samples runs in batches)")
     parser.add_argument("--resolution", type=int, default=RESOLUTION,
                         help=f"short side of the output, a multiple of {SIZE_MULTIPLE}")
-    parser.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
-    parser.add_argument("--scale", type=float, default=SCALE, help="classifier-free guidance scale")
-    parser.add_argument("--strength", type=float, default=STRENGTH, help="control strength")
+    parser.add_argument("--steps", type=_count, default=STEPS, help="DDIM steps")
+    parser.add_argument("--scale", type=_non_negative_float, default=SCALE, help="classifier-free guidance scale")
+    parser.add_argument("--strength", type=_non_negative_float, default=STRENGTH, help="control strength")
     parser.add_argument("--guess-mode", action="store_true", help="let the model guess the content from the "
                         "control (use with an empty prompt)")
-    parser.add_argument("--eta", type=float, default=ETA, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--eta", type=_non_negative_float, default=ETA, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=RANDOM_SEED, help="-1 = random")
     parser.add_argument("--low-threshold", type=int, default=DEFAULT_LOW_THRESHOLD, help="Canny, with --image")
     parser.add_argument("--high-threshold", type=int, default=DEFAULT_HIGH_THRESHOLD, help="Canny, with --image")
     parser.add_argument("--output", default="outputs", help="folder for the PNGs")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="fp16/bf16: autocast (faster on a GPU)")
     return parser
@@ -123,17 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.resolution % SIZE_MULTIPLE:
         parser.error(f"--resolution must be a positive multiple of {SIZE_MULTIPLE}, got {args.resolution}")
-    if args.num_samples < 1:
-        parser.error("--num-samples must be at least 1")
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    if args.image:
+        try:
+            CannyThresholds(args.low_threshold, args.high_threshold)
+        except ValueError as err:
+            parser.error(str(err))
+    # Before the model loads and samples: a folder that cannot be made would lose them all.
+    for path in (Path(args.output), *Path(args.output).parents):
+        if path.exists():
+            if not path.is_dir():
+                where = " is a file" if path == Path(args.output) else f": {path} is a file"
+                parser.error(f"--output {args.output}{where}, not a folder")
+            break
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         source = args.image or args.hint
         pixels = read_image_rgb(source).pixels
@@ -151,22 +212,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for line in lines:
         print(line)
-    model.to(device)
+    model.to(args.device)
     seed = resolve_seed(args.seed)
-    print(f"sampling {args.num_samples} x {control.shape[1]}x{control.shape[0]} on {device}, seed {seed}")
-    samples = generate(model, control, args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
-                       num_samples=args.num_samples, steps=args.steps, guess_mode=args.guess_mode,
-                       strength=args.strength, scale=args.scale, seed=seed, eta=args.eta,
-                       precision=args.precision)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    control_image = Image.fromarray(control)
-    control_image.save(output / f"seed{seed}_control.png")
-    for i, sample in enumerate(samples):
-        sample.save(output / f"seed{seed}_sample{i}.png")
-    image_grid([control_image, *samples]).save(output / f"seed{seed}_grid.png")
-    print(f"wrote {len(samples)} samples, the control image and a grid to {output}/seed{seed}_*.png")
+    print(f"sampling {args.num_samples} x {control.shape[1]}x{control.shape[0]} on {args.device}, seed {seed}")
+    batches = generate_batches(model, control, args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
+                               num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
+                               guess_mode=args.guess_mode, strength=args.strength, scale=args.scale, seed=seed,
+                               eta=args.eta, precision=args.precision)
+    write_outputs(Path(args.output), seed, Image.fromarray(control), batches)
     return 0
+
+
+def write_outputs(output: Path, seed: int, control: Image.Image, batches: Iterator[list[Image.Image]]) -> None:
+    """Save the control image, each sample as its batch is done, and a grid of the control and the first
+    GRID_MAX_SAMPLES samples, as OUTPUT/seedS_{control,sampleI,grid}.png."""
+    output.mkdir(parents=True, exist_ok=True)
+    control.save(output / f"seed{seed}_control.png")
+    shown, count = [control], 0
+    for batch in batches:
+        for sample in batch:
+            sample.save(output / f"seed{seed}_sample{count}.png")
+            count += 1
+            if len(shown) <= GRID_MAX_SAMPLES:
+                shown.append(sample)
+    image_grid(shown).save(output / f"seed{seed}_grid.png")
+    print(f"wrote {count} samples, the control image and a grid to {output}/seed{seed}_*.png")
 
 
 if __name__ == "__main__":
