@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 from annotator.canny import CannyThresholds
+from common.download import is_url
+
+JPEG_MAX_QUALITY = 100  # Pillow's scale; above 95 it only grows the files
 
 # The Canny workers are spawned processes, which re-run this script's top-level imports. The build
 # (through the `dataset` package) brings torch, over a second and ~200 MB per worker that they never use,
@@ -40,6 +43,30 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _jpeg_quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= JPEG_MAX_QUALITY:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {JPEG_MAX_QUALITY}, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A captioning device that this machine has (checked before any Canny work): cpu, cuda, cuda:N, mps."""
+    import torch  # here, not at the top: the spawned Canny workers re-run the top-level imports
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"want cpu, cuda, cuda:N or mps, got {text!r}") from err
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"want cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def _workers(text: str) -> int | None:
@@ -69,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BLIP checkpoint (.pth path or URL), transformers folder or hub id")
     parser.add_argument("--captions-from-txt", action="store_true",
                         help="use NAME.txt beside an image as its prompt where it exists (BLIP for the rest)")
-    parser.add_argument("--device", default=None, help="captioning device (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None, help="captioning device (default: cuda if available)")
     parser.add_argument("--resolution", type=_positive, default=None,
                         help="scale the short side to N and centre-crop N x N (default: keep the size)")
     parser.add_argument("--workers", type=_workers, default=None,
@@ -86,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip images whose shorter side is below this many pixels")
     parser.add_argument("--max-pixels", type=_positive, default=defaults.max_pixels,
                         help="skip images with more pixels (decompression-bomb guard)")
-    parser.add_argument("--jpeg-quality", type=_positive, default=defaults.jpeg_quality,
+    parser.add_argument("--jpeg-quality", type=_jpeg_quality, default=defaults.jpeg_quality,
                         help="quality of re-encoded targets (photos that need no change are copied)")
     return parser
 
@@ -101,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         CannyThresholds(args.canny_low, args.canny_high)
     except ValueError as err:
         parser.error(str(err))
+    # Before the build records its settings in --output: a mistyped path should leave nothing behind.
+    if not is_url(args.input) and not Path(args.input).exists():
+        print(f"prepare_dataset: error: --input {args.input} does not exist", file=sys.stderr)
+        return 2
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is a file, not a folder")
     config = BuildConfig(
         input=args.input, output=args.output, caption_model=args.caption_model,
         captions_from_txt=args.captions_from_txt, device=args.device, resolution=args.resolution,
