@@ -8,6 +8,7 @@ model (tests/training_helpers.py), so each case differs from a working command b
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import struct
@@ -105,8 +106,6 @@ CASES: list[tuple[str, str, Callable[[Files], list[str]], int | tuple[int, ...],
      "is a file, not a folder"),
     ("train-batch-above-dataset", "training", lambda f: _train(f, "--batch-size", "100"), 2,
      "--batch-size 100: "),
-    ("train-gpu-without-gpu", "training", lambda f: _train(f, "--accelerator", "gpu"), 2,
-     "--accelerator gpu: no cuda or mps device"),
     ("train-accelerator-unknown", "training", lambda f: _train(f, "--accelerator", "quantum"), 2,
      "--accelerator 'quantum': choose from"),
     ("train-devices-abc", "training", lambda f: _train(f, "--devices", "abc"), 2, "argument --devices:"),
@@ -177,6 +176,20 @@ CASES: list[tuple[str, str, Callable[[Files], list[str]], int | tuple[int, ...],
     ("add-control-dtype", "tool_add_control", lambda f: _add_control(f, "--dtype", "fp8"), 2,
      "argument --dtype: invalid choice"),
 ]
+
+# What this machine lacks: a GPU (the CPU-only CI) or the deepspeed package.
+if not torch.cuda.is_available():
+    CASES += [
+        ("train-gpu-without-gpu", "training", lambda f: _train(f, "--accelerator", "gpu"), 2,
+         "--accelerator gpu: no cuda or mps device"),
+        ("infer-cuda-without-gpu", "inference", lambda f: _infer(f, "--device", "cuda"), 2,
+         "argument --device: cuda: this machine has 0 CUDA GPU(s)"),
+        ("prepare-cuda-without-gpu", "prepare_dataset", lambda f: _prepare(f, "--device", "cuda"), 2,
+         "argument --device: cuda: this machine has 0 CUDA GPU(s)"),
+    ]
+if importlib.util.find_spec("deepspeed") is None:
+    CASES.append(("train-deepspeed-missing", "training", lambda f: _train(f, "--strategy", "deepspeed_stage_2"), 2,
+                  "needs the deepspeed package"))
 
 
 def _run(script: str, argv: list[str]) -> int:
