@@ -12,8 +12,8 @@ OUTPUT_DIR/logs         csv/version_N/metrics.csv and tensorboard/version_N (one
 OUTPUT_DIR/latent_cache with --cache-latents: the targets' VAE encodings and the prompts' text encodings
                         (trainer/latent_cache.py), reused while data and model are unchanged
 
-Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; the last
-good checkpoint stays), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
+Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; last.ckpt
+then holds the last finished step), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
 """
 
 from __future__ import annotations
@@ -406,6 +406,20 @@ def build_trainer(args: argparse.Namespace, checkpoint: ResumableCheckpoint,
         use_distributed_sampler=False, num_sanity_val_steps=0)
 
 
+def _checkpoint_note(checkpoint: ResumableCheckpoint) -> str:
+    """Where a run stopped by an exception can continue from (see ResumableCheckpoint.on_exception)."""
+    if checkpoint.exception_checkpoint is not None:
+        return f"; saved the last finished step to {checkpoint.exception_checkpoint}: continue with --resume last"
+    if checkpoint.last_path.exists():
+        return f"; the last checkpoint stays: {checkpoint.last_path}"
+    return ""
+
+
+def _report_skipped_pairs(data: ResumableDataModule) -> None:
+    if data.skipped_pairs:
+        print(f"skipped {len(data.skipped_pairs)} unreadable pair(s) of the dataset (each named in a warning above)")
+
+
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
     """Run training as the command line says; `callbacks` adds Lightning callbacks (notebooks, tests).
 
@@ -449,9 +463,15 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
             # The frozen VAE, text encoder and locked UNet are in eval mode on purpose.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    except (NonFiniteLossError, CheckpointError, LatentCacheError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (NonFiniteLossError, CheckpointError, LatentCacheError, DatasetError, OSError) as err:
+        _report_skipped_pairs(data)
+        print(f"error: {err}{_checkpoint_note(checkpoint)}", file=sys.stderr)
         return 1
+    except Exception:
+        # A bug: its traceback follows, after the line that says where the run can continue from.
+        print(f"error: training stopped by an unexpected exception{_checkpoint_note(checkpoint)}", file=sys.stderr)
+        raise
+    _report_skipped_pairs(data)
     reason = checkpoint.stop_reason
     if reason is not None:
         print(f"stopped ({reason}) at step {trainer.global_step}; continue with --resume last", file=sys.stderr)

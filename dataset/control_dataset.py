@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from annotator.image_io import read_image_rgb
+from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import resize_and_crop
 
 PROMPT_FILE = "prompt.json"
@@ -187,6 +187,9 @@ class ControlDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.entries = read_prompt_file(self.root)
+        # index -> why its pair cannot be read, in this process (each DataLoader worker has its own).
+        self._unreadable: dict[int, str] = {}
+        self._new_skips: list[tuple[int, str]] = []
         if resolution is None:
             self._check_one_size()
 
@@ -198,6 +201,31 @@ class ControlDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+        """Item `index`, or, when its pair cannot be read, the next readable pair's (index + 1, + 2, ...
+        around the end): a fixed function of the index, so a resumed run still sees what an uninterrupted
+        one saw. Each unreadable pair is recorded once per process for `take_skipped`; DatasetError when
+        no pair at all can be read."""
+        for step in range(len(self.entries)):
+            candidate = (index + step) % len(self.entries)
+            if candidate in self._unreadable:
+                continue
+            try:
+                return self._item(candidate)
+            except (UnreadableImageError, DatasetError) as err:
+                entry = self.entries[candidate]
+                self._unreadable[candidate] = f"{entry.source} + {entry.target}: {err}"
+                self._new_skips.append((candidate, self._unreadable[candidate]))
+        first = self._unreadable[min(self._unreadable)]
+        raise DatasetError(f"none of the {len(self.entries)} pairs of {self.root / PROMPT_FILE} can be read "
+                           f"(the first: {first})")
+
+    def take_skipped(self) -> list[tuple[int, str]]:
+        """The pairs found unreadable in this process since the last call: (index, "SOURCE + TARGET:
+        reason"). A DataLoader worker's list travels back with its batch (trainer.resumable_data)."""
+        skipped, self._new_skips = self._new_skips, []
+        return skipped
+
+    def _item(self, index: int) -> dict[str, np.ndarray | str]:
         entry = self.entries[index]
         target, source = self._read(entry.target), self._read(entry.source)
         if target.shape != source.shape:
@@ -219,8 +247,11 @@ class ControlDataset(Dataset):
 
     def _read(self, relative: str) -> np.ndarray:
         """uint8 (H, W, 3) RGB of ROOT/relative. The decompression-bomb limit is for untrusted input; a
-        dataset folder has been built already."""
-        return read_image_rgb(self.root / relative, max_pixels=None).pixels
+        dataset folder has been built already. UnreadableImageError names the file."""
+        try:
+            return read_image_rgb(self.root / relative, max_pixels=None).pixels
+        except UnreadableImageError as err:
+            raise UnreadableImageError(f"{relative}: {err}") from err
 
     def _fit(self, pixels: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
         """uint8 (H, W, 3) scaled and cropped to the resolution at `offset` (unchanged without one)."""

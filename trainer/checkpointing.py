@@ -5,13 +5,16 @@
 - Ctrl-C (SIGINT), SIGTERM (what Colab sends on disconnect) or the time limit stop the run after the
   current optimizer step, and the end of training writes `last.ckpt`;
 - files are written under a temporary name and renamed, so a kill while saving leaves the previous file;
-- an exception (e.g. a NaN loss) saves nothing, so the last good checkpoint stays;
+- an exception (a NaN loss, an unreadable file, a bug) writes `last.ckpt` of the last finished optimizer
+  step when no checkpoint holds it yet (`exception_checkpoint`), never weights that are NaN; `--resume last`
+  continues from it exactly, as after SIGTERM;
 - `FileCheckpointIO` keeps whole checkpoints out of RAM (an SD 1.5 training checkpoint is 8.6 GB, free
   Colab has 12.7 GB of RAM).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -114,6 +117,11 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._start_time = 0.0
         self._saved_step = -1
+        # Lightning's loop state (progress counters, the loader's place) right after the newest optimizer
+        # step: what an exception's checkpoint records, since the loop may be inside the next step by then.
+        self._step_loop_state: dict[str, Any] | None = None
+        self._saving_after_exception = False
+        self.exception_checkpoint: Path | None = None
 
     @property
     def last_path(self) -> Path:
@@ -145,6 +153,7 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
         super().on_train_start(trainer, pl_module)
         self._start_time = time.monotonic()
         self._saved_step = trainer.global_step
+        self._step_loop_state, self.exception_checkpoint = None, None
         self._signal = None
         self.stop_reason = None
         self._install_signal_handlers()
@@ -154,6 +163,7 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, step: int) -> None:
         super().on_optimizer_step(trainer, pl_module, batch, step)  # the periodic checkpoint first
+        self._step_loop_state = copy.deepcopy(trainer.fit_loop.state_dict())
         reason = None
         if self._signal is not None:
             reason = signal.Signals(self._signal).name
@@ -176,6 +186,34 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()
+        if isinstance(exception, Exception):  # not KeyboardInterrupt: a second signal aborts without saving
+            self._save_after_exception(trainer)
+
+    def _save_after_exception(self, trainer: L.Trainer) -> None:
+        """last.ckpt of the last finished step, unless a checkpoint holds it already. With several
+        processes only the failing one is here, and saving is collective: nothing is written then."""
+        if self._step_loop_state is None or trainer.global_step == self._saved_step:
+            return
+        if trainer.world_size > 1:
+            rank_zero_warn("an exception on one of several processes: no checkpoint of the last step written")
+            return
+        self._saving_after_exception = True
+        try:
+            self._save(trainer, self.last_path)
+        except Exception as err:  # e.g. NaN weights (refused) or a full disk: the previous file stays
+            rank_zero_warn(f"no checkpoint of step {trainer.global_step} written after the error: {err}")
+            return
+        finally:
+            self._saving_after_exception = False
+        self._saved_step = trainer.global_step
+        self.exception_checkpoint = self.last_path
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._saving_after_exception:
+            # As if saved right after the last step (where SIGTERM saves): the resumed run redoes the
+            # batches of the unfinished step.
+            checkpoint["loops"]["fit_loop"] = self._step_loop_state
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_signal_handlers()

@@ -63,7 +63,7 @@ FROZEN_ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops without saving over the last checkpoint."""
+    """The training loss became NaN or infinite, or the weights did; no checkpoint of NaN weights is written."""
 
 
 def training_model_config(config_path: str | os.PathLike, attention: AttentionKind | None = None,
@@ -279,9 +279,8 @@ class ControlNetTrainer(L.LightningModule):
         if not finite:
             raise NonFiniteLossError(
                 f"the loss is {loss.item()} in training step {self.global_step + 1} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); stopped without saving, so the last checkpoint (step {self.global_step} or "
-                f"before) is intact. Try a lower --lr, --precision 32 or bf16-mixed instead of 16-mixed, or check "
-                f"the data.")
+                f"batch {batch_idx}); stopped, keeping the weights of step {self.global_step}. Try a lower --lr, "
+                f"--precision 32 or bf16-mixed instead of 16-mixed, or check the data.")
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         return loss

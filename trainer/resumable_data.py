@@ -8,13 +8,17 @@ that count in the checkpoint (`state_dict`) and gives it back before iterating a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from dataset import DatasetError
 
 
 def derived_seed(*values: int) -> int:
@@ -52,16 +56,64 @@ class EpochOrder(Sampler[int]):
         return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
+class _CollateWithSkips:
+    """collate_fn that sends the dataset's unreadable-pair records (`take_skipped`) back with the batch:
+    it runs where the items were read, also in a DataLoader worker, whose records the main process never
+    sees otherwise."""
+
+    def __init__(self, dataset: Dataset, collate: Callable[[list[Any]], Any]):
+        self.dataset, self.collate = dataset, collate
+
+    def __call__(self, items: list[Any]) -> tuple[Any, list[tuple[int, str]]]:
+        return self.collate(items), self.dataset.take_skipped()
+
+
+def _without_worker_traceback(err: DatasetError) -> DatasetError:
+    """torch re-raises a worker's exception with the worker's traceback as its message; keep the
+    original message (its last line, after the exception's name)."""
+    message = str(err)
+    if "DataLoader worker" in message.split("\n", 1)[0]:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return DatasetError(message)
+
+
 class ResumableDataLoader(DataLoader):
     """A shuffling DataLoader (full batches only) that remembers its place: (epoch, batches handed out).
 
     The dataset's `set_epoch(epoch)` is called before each epoch when it has one (seeded augmentation).
+    A dataset with `take_skipped` (dataset.ControlDataset) stands in the next readable pair for one that
+    cannot be read; the loader prints one warning per such pair, in the main process, and keeps them in
+    `skipped_pairs` ({index: "SOURCE + TARGET: reason"}).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  **loader_options: Any):
         self.order = EpochOrder(len(dataset), batch_size, seed, rank, world_size)
+        self.skipped_pairs: dict[int, str] = {}
+        self._reports_skips = hasattr(dataset, "take_skipped")
+        if self._reports_skips:
+            loader_options["collate_fn"] = _CollateWithSkips(
+                dataset, loader_options.get("collate_fn") or default_collate)
         super().__init__(dataset, batch_size=batch_size, sampler=self.order, drop_last=True, **loader_options)
+
+    def _batches(self) -> Iterator[Any]:
+        """The DataLoader's batches, with the skip records taken off and reported."""
+        try:
+            for batch in super().__iter__():
+                if self._reports_skips:
+                    batch, skipped = batch
+                    self._report(skipped)
+                yield batch
+        except DatasetError as err:
+            raise _without_worker_traceback(err) from None
+
+    def _report(self, skipped: list[tuple[int, str]]) -> None:
+        for index, reason in skipped:
+            # Workers are started again each epoch and find the same pairs again: warn once.
+            if index not in self.skipped_pairs:
+                self.skipped_pairs[index] = reason
+                tqdm.write(f"warning: skipped unreadable pair {reason}; using the next readable pair instead",
+                           file=sys.stderr)
 
     def __iter__(self) -> Iterator[Any]:
         order = self.order
@@ -71,7 +123,7 @@ class ResumableDataLoader(DataLoader):
             order.epoch, order.start_batch = order.epoch + 1, 0
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(order.epoch)
-        for batch in super().__iter__():
+        for batch in self._batches():
             # Counted as handed out before the training step runs: a checkpoint written after this step
             # resumes with the next batch.
             order.start_batch += 1
@@ -97,5 +149,12 @@ class ResumableDataModule(L.LightningDataModule):
         self.loader_options = loader_options
 
     def train_dataloader(self) -> ResumableDataLoader:
-        return ResumableDataLoader(self.dataset, self.batch_size, self.seed, rank=self.trainer.global_rank,
-                                   world_size=self.trainer.world_size, **self.loader_options)
+        self.loader = ResumableDataLoader(self.dataset, self.batch_size, self.seed, rank=self.trainer.global_rank,
+                                          world_size=self.trainer.world_size, **self.loader_options)
+        return self.loader
+
+    @property
+    def skipped_pairs(self) -> dict[int, str]:
+        """The unreadable pairs this process skipped so far (see ResumableDataLoader)."""
+        loader = getattr(self, "loader", None)
+        return loader.skipped_pairs if loader is not None else {}
