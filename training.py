@@ -14,6 +14,8 @@ OUTPUT_DIR/latent_cache with --cache-latents: the targets' VAE encodings and the
 
 Exit status: 0 when training ended (step/epoch/time limit), 1 on an error (e.g. a NaN loss; last.ckpt
 then holds the last finished step), 128 + signal number after Ctrl-C (130) or SIGTERM (143) with last.ckpt saved.
+2 also when OUTPUT_DIR is in use by another run (OUTPUT_DIR/run.lock), when no checkpoint to resume from is
+intact (--resume last otherwise falls back to the newest intact one) or a resume changes --sd-locked.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ldm.modules.attention import ATTENTION_KINDS
 from ldm.util import get_obj_from_str
 from trainer import checkpointing
 from trainer import logger as image_logger
-from trainer.checkpointing import LAST, FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
+from trainer.checkpointing import FileCheckpointIO, ResumableCheckpoint, ignore_interrupts_in_worker
 from trainer.latent_cache import LatentCacheDataModule, LatentCacheError
 from trainer.logger import ImageLogger
 from trainer.module import (
@@ -60,6 +62,7 @@ from trainer.module import (
     training_model_config,
 )
 from trainer.resumable_data import ResumableDataModule
+from trainer.run_lock import RunLock, RunLockError
 
 # Defaults of the original (tutorial_train.py, docs/train.md) unless noted. The defaults of what the
 # constructors take (learning rate, prompt dropout, sample grids, checkpoints) are the constructors' own,
@@ -360,9 +363,10 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
             raise FileExistsError(f"{checkpoint_dir} already holds checkpoints: continue that run with --resume "
                                   f"last, or choose another --output-dir")
         return None
-    path = checkpoint_dir / LAST if resume == "last" else Path(resume)
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {resume}: {path} not found")
+    if resume == "last":  # the newest intact checkpoint, last.ckpt unless it is damaged
+        return checkpointing.pick_resume_checkpoint(checkpoint_dir, warn=lambda line: print(line, file=sys.stderr))
+    path = Path(resume)
+    checkpointing.verify_resume_checkpoint(path)
     return path
 
 
@@ -426,6 +430,19 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     Returns the exit status (see the module doc).
     """
     args = parse_args(argv)
+    try:  # one run per output folder: a second one would replace the first one's checkpoints
+        lock = RunLock.acquire(args.output_dir, warn=lambda line: print(line, file=sys.stderr))
+    except RunLockError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_training(args, callbacks)
+    finally:
+        lock.release()
+
+
+def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    """main's work once the output folder is locked for this run."""
     L.seed_everything(args.seed, verbose=False)
     if args.precision == AUTO_PRECISION:
         args.precision, reason = auto_precision(args.accelerator)
@@ -447,6 +464,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         if resume is not None and resume.is_file():
             open_lazy(resume).close()  # a refused or unreadable file: one line naming it, before the model loads
         module = build_module(args, load_init=resume is None, precision=str(trainer.precision))
+        if resume is not None:
+            for line in checkpointing.resume_setting_changes(checkpointing.saved_hyperparameters(resume),
+                                                             module.hparams):
+                print(f"resume: {line}")
+    except (checkpointing.DamagedCheckpointError, checkpointing.ResumeRefusedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

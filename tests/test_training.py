@@ -220,7 +220,7 @@ def test_ctrl_c_keeps_the_newest_step_checkpoints(tmp_path, init_path, four_pair
                       "--checkpoint-every", "1", "--keep-checkpoints", "2")
     assert training.main(argv, callbacks=[AtStep(3, send(signal.SIGINT))]) == 128 + signal.SIGINT
     checkpoints = output / "checkpoints"
-    assert sorted(path.name for path in checkpoints.iterdir()) == [
+    assert sorted(path.name for path in checkpoints.glob("*.ckpt")) == [
         LAST, "step-00000002.ckpt", "step-00000003.ckpt"]
     assert read_training_checkpoint(checkpoints / LAST)["global_step"] == 3
     # A new run refuses to mix with the old one's checkpoints.
@@ -250,7 +250,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, init
     last = read_training_checkpoint(checkpoints / LAST)
     good_step = 2 if hook == "on_train_batch_start" else 1
     assert last["global_step"] == good_step
-    assert sorted(path.name for path in checkpoints.iterdir()) == [
+    assert sorted(path.name for path in checkpoints.glob("*.ckpt")) == [
         LAST, *(f"step-{step:08d}.ckpt" for step in range(1, good_step + 1))]
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
 

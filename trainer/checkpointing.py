@@ -4,7 +4,11 @@
   newest, or a copy where the file system has no links);
 - Ctrl-C (SIGINT), SIGTERM (what Colab sends on disconnect) or the time limit stop the run after the
   current optimizer step, and the end of training writes `last.ckpt`;
-- files are written under a temporary name and renamed, so a kill while saving leaves the previous file;
+- files are written under a temporary name, fsynced and renamed (the folder fsynced too), so a kill or a
+  power cut while saving leaves the previous file; each file gets a sidecar `NAME.sha256` (sha256sum's
+  format), written after it, and `--resume last` takes the newest checkpoint whose checksum holds
+  (`pick_resume_checkpoint`); a file without a sidecar (written before checksums, or cut off between the two
+  renames) is verified by loading it;
 - an exception (a NaN loss, an unreadable file, a bug) writes `last.ckpt` of the last finished optimizer
   step when no checkpoint holds it yet (`exception_checkpoint`), never weights that are NaN; `--resume last`
   continues from it exactly, as after SIGTERM;
@@ -15,12 +19,14 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,12 @@ DEFAULT_EVERY_N_STEPS = 1000
 DEFAULT_KEEP = 2
 STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHECKSUM_SUFFIX = ".sha256"
+HASH_CHUNK = 1 << 24  # 16 MiB reads: a checkpoint of 8.6 GB is hashed at disk speed with little memory
+
+
+class DamagedCheckpointError(RuntimeError):
+    """No checkpoint that --resume can use: the one named is damaged, or every one in the folder is."""
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -57,24 +69,142 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _replace(source: Path, target: Path) -> None:
-    """Rename source over target (a file, or a directory as DeepSpeed writes)."""
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power cut after os.replace may otherwise undo it)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some network and FUSE drives refuse fsync on folders
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The sha256 hex digest of a file; `sync` also fsyncs it (its data on disk before it is renamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+        if sync:
+            os.fsync(file.fileno())
+    return digest.hexdigest()
+
+
+def _write_checksum(path: Path, digest: str) -> None:
+    """NAME.sha256 beside NAME, itself written atomically (`sha256sum -c NAME.sha256` checks it too)."""
+    sidecar = checksum_path(path)
+    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    with open(temporary, "w") as file:
+        file.write(f"{digest}  {path.name}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, sidecar)
+    _fsync_folder(path.parent)
+
+
+def _replace(source: Path, target: Path, digest: str | None = None) -> None:
+    """Rename source over target (a file, or a directory as DeepSpeed writes), durably; a file gets its
+    checksum (`digest`, or computed here) in target.sha256 after the rename. The old sidecar goes first, so
+    that no moment pairs the new file with the old file's checksum."""
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
+    if source.is_file():
+        digest = digest or file_sha256(source, sync=True)
+        checksum_path(target).unlink(missing_ok=True)
     os.replace(source, target)
+    _fsync_folder(target.parent)
+    if digest is not None:
+        _write_checksum(target, digest)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
     temporary = target.with_name(target.name + ".tmp")
     _remove(temporary)
+    digest = None
     if source.is_dir():
         shutil.copytree(source, temporary)
     else:
         try:
             os.link(source, temporary)
+            # The same bytes: the recorded checksum holds (a copy is hashed again, in _replace).
+            digest = _recorded_checksum(source)
         except OSError:  # no hard links here (e.g. some network or FUSE drives)
             shutil.copy2(source, temporary)
-    _replace(temporary, target)
+    _replace(temporary, target, digest)
+
+
+def _recorded_checksum(path: Path) -> str | None:
+    """The digest in path.sha256, or None without a readable one."""
+    try:
+        text = checksum_path(path).read_text().split()
+    except OSError:
+        return None
+    return text[0] if text else None
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from ("missing", "empty file", "checksum mismatch",
+    a load error), or None when it is intact. A file without a checksum is loaded (weights_only, mapped)."""
+    if path.is_dir():
+        return None  # a DeepSpeed folder: its own format, not checked here
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty file"
+    recorded = _recorded_checksum(path)
+    if recorded is not None:
+        return None if file_sha256(path) == recorded else f"checksum mismatch with {checksum_path(path).name}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError, ... on a cut-off file
+        return f"does not load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        return "not a training checkpoint (no state_dict)"
+    return None
+
+
+def pick_resume_checkpoint(checkpoint_dir: Path, warn: Callable[[str], None] = print) -> Path:
+    """The checkpoint `--resume last` continues from: last.ckpt when intact, else the newest intact
+    step-N.ckpt, with one `warn` line naming the damaged file and the one used.
+
+    Raises FileNotFoundError when the folder holds no checkpoint at all, DamagedCheckpointError when every one
+    is damaged."""
+    steps = sorted(((int(match.group(1)), path) for path in checkpoint_dir.glob("step-*.ckpt")
+                    if (match := STEP_PATTERN.fullmatch(path.name))), reverse=True)
+    last = checkpoint_dir / LAST
+    candidates = ([last] if last.exists() else []) + [path for _, path in steps]
+    if not candidates:
+        raise FileNotFoundError(f"--resume last: {last} not found")
+    damaged = []
+    for path in candidates:
+        reason = checkpoint_damage(path)
+        if reason is None:
+            if damaged:
+                first, first_reason = damaged[0]
+                warn(f"warning: {first} is damaged ({first_reason}); resuming from {path}, the newest intact "
+                     f"checkpoint")
+            return path
+        damaged.append((path, reason))
+    listing = "; ".join(f"{path.name}: {reason}" for path, reason in damaged)
+    raise DamagedCheckpointError(f"--resume last: no intact checkpoint in {checkpoint_dir} ({listing}); "
+                                 f"start a new run with --init")
+
+
+def verify_resume_checkpoint(path: Path) -> None:
+    """Refuse a `--resume PATH` that is damaged (DamagedCheckpointError; FileNotFoundError when missing)."""
+    reason = checkpoint_damage(path)
+    if reason == "missing":
+        raise FileNotFoundError(f"--resume {path}: not found")
+    if reason is not None:
+        raise DamagedCheckpointError(f"--resume {path}: the checkpoint is damaged ({reason})")
 
 
 class FileCheckpointIO(TorchCheckpointIO):
@@ -93,6 +223,55 @@ class FileCheckpointIO(TorchCheckpointIO):
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class ResumeRefusedError(RuntimeError):
+    """A resume whose settings cannot continue the checkpoint's training state."""
+
+
+# What a setting changed at a resume does (the ControlNetTrainer hyperparameters saved in the checkpoint
+# against the new run's); a setting not named here applies from the resumed step.
+RESUME_EFFECTS = {
+    "learning_rate": "applies from the resumed step (AdamW's moments are kept)",
+    "batch_size": "applies from the resumed step (the current epoch goes on at the same batch count)",
+    "data": "applies from the resumed step (the current epoch goes on at the same batch count)",
+    "init": "ignored: the weights come from the checkpoint",
+    "model_config": "applies if the checkpoint's weights fit it (the load is strict)",
+}
+# The optimizer state holds one entry per trainable parameter: another set of them cannot take it over.
+RESUME_REFUSALS = {
+    "sd_locked": "refused: the trainable parameters differ from those of the checkpoint's optimizer state "
+                 "(to train its weights this way, start a new run with --init CHECKPOINT)",
+}
+SETTING_FLAGS = {"learning_rate": "--lr", "model_config": "--config/--attention/--gradient-checkpointing/"
+                                                           "--only-mid-control"}
+
+
+def resume_setting_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """One line per setting that differs between a checkpoint's hyperparameters and the resumed run's,
+    saying whether it applies. Raises ResumeRefusedError (all the differences in its message) when one of
+    them cannot be resumed."""
+    lines, refused = [], False
+    for key in sorted(set(saved) | set(new)):
+        old_value, new_value = saved.get(key), new.get(key)
+        if old_value == new_value:
+            continue
+        flag = SETTING_FLAGS.get(key, "--" + key.replace("_", "-"))
+        shown = ("differs" if key == "model_config" else f"{old_value!r} -> {new_value!r}")
+        refused = refused or key in RESUME_REFUSALS
+        effect = RESUME_REFUSALS.get(key) or RESUME_EFFECTS.get(key, "applies from the resumed step")
+        lines.append(f"{key} ({flag}) {shown}: {effect}")
+    if refused:
+        raise ResumeRefusedError("resume with other settings: " + "; ".join(lines))
+    return lines
+
+
+def saved_hyperparameters(path: Path) -> dict[str, Any]:
+    """The hyperparameters a training checkpoint was written with ({} for a DeepSpeed folder or none)."""
+    if path.is_dir():
+        return {}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return dict(checkpoint.get("hyper_parameters") or {})
 
 
 class ResumableCheckpoint(EveryNSteps, Checkpoint):
@@ -184,6 +363,17 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
         self._save_last(trainer)  # e.g. after the last epoch
         rank_zero_info(f"resumable checkpoint at step {trainer.global_step}: {self.last_path}")
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning restores the optimizer's parameter groups with the learning rate they were saved with;
+        # the command line's learning rate applies from the resumed step instead (see resume_setting_changes).
+        learning_rate = getattr(pl_module, "learning_rate", None)
+        if learning_rate is None:
+            return
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["lr"] = learning_rate
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()
         if isinstance(exception, Exception):  # not KeyboardInterrupt: a second signal aborts without saving
@@ -249,3 +439,4 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
                        if (match := STEP_PATTERN.fullmatch(path.name)))
         for _, path in steps[: max(len(steps) - self.keep, 0)]:
             _remove(path)
+            checksum_path(path).unlink(missing_ok=True)
