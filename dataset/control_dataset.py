@@ -205,6 +205,11 @@ class ControlDataset(Dataset):
         around the end): a fixed function of the index, so a resumed run still sees what an uninterrupted
         one saw. Each unreadable pair is recorded once per process for `take_skipped`; DatasetError when
         no pair at all can be read."""
+        # Out of range stays an IndexError (the substitution wraps around the end, but only for real
+        # indices): `list(dataset)` and other sequence protocols stop there.
+        if not -len(self.entries) <= index < len(self.entries):
+            raise IndexError(f"pair {index} of a dataset of {len(self.entries)}")
+        index %= len(self.entries)
         for step in range(len(self.entries)):
             candidate = (index + step) % len(self.entries)
             if candidate in self._unreadable:

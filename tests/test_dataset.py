@@ -72,6 +72,14 @@ def test_items_follow_the_contract(root):
     np.testing.assert_allclose(item["hint"][:, :, 1], expected[:, :, 0] / 255.0, atol=1e-6)
 
 
+def test_indexing_is_a_sequence_of_its_pairs(root):
+    data = ControlDataset(root, resolution=RESOLUTION)
+    assert [item["txt"] for item in data] == [f"prompt {i}" for i in range(PAIRS)]  # iteration stops at the end
+    assert data[-1]["txt"] == f"prompt {PAIRS - 1}"
+    with pytest.raises(IndexError):
+        data[PAIRS]
+
+
 def test_the_ends_of_the_ranges_map_to_0_and_255(tmp_path):
     root = tmp_path / "data"
     (root / "target").mkdir(parents=True)
