@@ -12,7 +12,6 @@ image and a grid (control first) as PNG under --output. The notebook calls `main
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from annotator.util import SIZE_MULTIPLE
 from cldm.hint import control_from_map, control_from_photo, hint_tensor
 from cldm.inference_loading import load_for_inference
 from cldm.sampling import control_scales, sample_images
+from common.cli import available_device, non_negative_float, positive_int
 from ldm.checkpoint import CheckpointError
 
 A_PROMPT = "best quality, extremely detailed"
@@ -107,35 +107,11 @@ def image_grid(images: Sequence[Image.Image], columns: int = GRID_COLUMNS) -> Im
     return grid
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text!r}")
-    return value
-
-
 def _device(text: str) -> torch.device:
-    """'auto' (cuda if available, else cpu) or a torch device that this machine has: cpu, cuda, cuda:1, mps."""
+    """'auto' (cuda if available, else cpu) or a device this machine has: cpu, cuda, cuda:1, mps."""
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"want auto, cpu, cuda, cuda:N or mps, got {text!r}") from err
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"want auto, cpu, cuda, cuda:N or mps, got {text!r}")
-    return device
+    return available_device(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,17 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="", help="what to draw")
     parser.add_argument("--a-prompt", default=A_PROMPT, help="added to the prompt")
     parser.add_argument("--n-prompt", default=N_PROMPT, help="negative prompt")
-    parser.add_argument("--num-samples", type=_count, default=NUM_SAMPLES)
-    parser.add_argument("--batch-size", type=_count, default=BATCH_SIZE,
+    parser.add_argument("--num-samples", type=positive_int, default=NUM_SAMPLES)
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="samples per sampling call (a larger --num-samples runs in batches)")
     parser.add_argument("--resolution", type=int, default=RESOLUTION,
                         help=f"short side of the output, a multiple of {SIZE_MULTIPLE}")
-    parser.add_argument("--steps", type=_count, default=STEPS, help="DDIM steps")
-    parser.add_argument("--scale", type=_non_negative_float, default=SCALE, help="classifier-free guidance scale")
-    parser.add_argument("--strength", type=_non_negative_float, default=STRENGTH, help="control strength")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="DDIM steps")
+    parser.add_argument("--scale", type=non_negative_float, default=SCALE, help="classifier-free guidance scale")
+    parser.add_argument("--strength", type=non_negative_float, default=STRENGTH, help="control strength")
     parser.add_argument("--guess-mode", action="store_true", help="let the model guess the content from the "
                         "control (use with an empty prompt)")
-    parser.add_argument("--eta", type=_non_negative_float, default=ETA, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--eta", type=non_negative_float, default=ETA, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=RANDOM_SEED, help="-1 = random")
     parser.add_argument("--low-threshold", type=int, default=DEFAULT_LOW_THRESHOLD, help="Canny, with --image")
     parser.add_argument("--high-threshold", type=int, default=DEFAULT_HIGH_THRESHOLD, help="Canny, with --image")

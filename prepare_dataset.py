@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from annotator.canny import CannyThresholds
+from common.cli import available_device
 from common.download import is_url
 
 JPEG_MAX_QUALITY = 100  # Pillow's scale; above 95 it only grows the files
@@ -54,18 +55,7 @@ def _jpeg_quality(text: str) -> int:
 
 def _device(text: str) -> str:
     """A captioning device that this machine has (checked before any Canny work): cpu, cuda, cuda:N, mps."""
-    import torch  # here, not at the top: the spawned Canny workers re-run the top-level imports
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"want cpu, cuda, cuda:N or mps, got {text!r}") from err
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"want cpu, cuda, cuda:N or mps, got {text!r}")
+    available_device(text)
     return text
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import math
 import re
 import signal
 import sys
@@ -43,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cldm.inference_loading import DEFAULT_CONFIG
 from cldm.model import load_config
+from common.cli import non_negative_int, positive_float, positive_int
 from dataset import ControlDataset, DatasetError
 from ldm.checkpoint import CheckpointError
 from ldm.lazy_checkpoint import open_lazy
@@ -127,27 +127,6 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
     return pick_precision("cpu"), "no CUDA GPU in use"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
-    return value
-
-
 def _limit(text: str) -> int:
     """A step or epoch count: 0 or more, or -1 for no limit (Lightning's convention)."""
     value = int(text)
@@ -199,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="dataset folder with prompt.json, source/ and target/")
-    data.add_argument("--resolution", type=_positive_int, default=DEFAULT_RESOLUTION,
+    data.add_argument("--resolution", type=positive_int, default=DEFAULT_RESOLUTION,
                       help="short side scaled to this, then centre-cropped square (multiple of 64)")
     data.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=False,
                       help="crop a random window instead of the centre")
@@ -214,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompt-dropout", type=_probability, default=DEFAULT_PROMPT_DROPOUT,
                       help="probability of training on the empty prompt (the paper: 0.5; the original "
                            "tutorial: 0)")
-    data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    data.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                       help="per device; 4 as the original's tutorial, meant for a 16 GB GPU at 512 px (the Stanford "
                            "Dogs recipe used 11 with sliced attention)")
-    data.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+    data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
-    train.add_argument("--lr", type=_positive_float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
+    train.add_argument("--lr", type=positive_float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
     train.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
                        help="auto: bf16-mixed on CUDA GPUs with bf16 (compute capability 8.0+: A100, L4, RTX 30xx "
                             "and newer), 16-mixed on older ones (T4, V100), 32 (the original's) on CPU and MPS")
@@ -234,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="keep the model in NHWC memory format: faster convolutions on CPUs (oneDNN; "
                             "bench/train_step.py's cpu preset) and often on GPUs with mixed precision (cuDNN)")
-    train.add_argument("--accumulate-grad-batches", type=_positive_int, default=1,
+    train.add_argument("--accumulate-grad-batches", type=positive_int, default=1,
                        help="batches per optimizer step")
     train.add_argument("--max-steps", type=_limit, default=-1, help="optimizer steps in total (-1: no limit)")
     train.add_argument("--max-epochs", type=_limit, default=None,
@@ -243,22 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wall-clock limit of this invocation, DD:HH:MM:SS or e.g. '1 day' (the Stanford Dogs "
                             "recipe's), "
                             "'11h 30m'; ends with last.ckpt")
-    train.add_argument("--seed", type=_non_negative_int, default=0,
+    train.add_argument("--seed", type=non_negative_int, default=0,
                        help="seeds data order, noise, timesteps, prompt dropout and the logged samples")
     train.add_argument("--resume", metavar="{PATH,last}", default=None,
                        help="continue a run at the same step with the same optimizer state; 'last' is "
                             "OUTPUT_DIR/checkpoints/last.ckpt")
 
     logging = parser.add_argument_group("logging and checkpoints")
-    logging.add_argument("--logger-freq", type=_positive_int, default=image_logger.DEFAULT_EVERY_N_STEPS,
+    logging.add_argument("--logger-freq", type=positive_int, default=image_logger.DEFAULT_EVERY_N_STEPS,
                          help="steps between sample grids")
-    logging.add_argument("--sample-ddim-steps", type=_positive_int, default=image_logger.DEFAULT_DDIM_STEPS,
+    logging.add_argument("--sample-ddim-steps", type=positive_int, default=image_logger.DEFAULT_DDIM_STEPS,
                          help=f"DDIM steps of the logged samples (guidance "
                               f"{image_logger.DEFAULT_GUIDANCE_SCALE:g} against the empty prompt)")
-    logging.add_argument("--log-every-n-steps", type=_positive_int, default=50, help="steps between scalar logs")
-    logging.add_argument("--checkpoint-every", type=_positive_int, default=checkpointing.DEFAULT_EVERY_N_STEPS,
+    logging.add_argument("--log-every-n-steps", type=positive_int, default=50, help="steps between scalar logs")
+    logging.add_argument("--checkpoint-every", type=positive_int, default=checkpointing.DEFAULT_EVERY_N_STEPS,
                          help="steps between checkpoints")
-    logging.add_argument("--keep-checkpoints", type=_non_negative_int, default=checkpointing.DEFAULT_KEEP,
+    logging.add_argument("--keep-checkpoints", type=non_negative_int, default=checkpointing.DEFAULT_KEEP,
                          help="step checkpoints to keep (the newest); last.ckpt is always kept")
 
     hardware = parser.add_argument_group("hardware")
