@@ -25,7 +25,15 @@ UINT16_MAX = 65535
 
 
 class UnreadableImageError(ValueError):
-    """The file is not a usable image; str(error) is the reason, e.g. 'truncated or corrupt: ...'."""
+    """The file is not a usable image; str(error) is the reason, e.g. 'truncated or corrupt: ...'.
+
+    transient: the cause may pass (no permission to read it, an I/O error of the disk or the network file
+    system) rather than lie in the file's bytes, so trying again later can succeed.
+    """
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,13 @@ def read_image_rgb(path: str | Path, max_pixels: int | None = Image.MAX_IMAGE_PI
     path = Path(path)
     # A FIFO or device would block or never end; a dangling link has nothing to read.
     if not path.is_file():
+        if path.is_symlink() and not path.exists():
+            raise UnreadableImageError(f"a link to nothing: {os.readlink(path)} does not exist")
         raise UnreadableImageError("not a regular file")
     try:
         file = open(path, "rb")
     except OSError as err:
-        raise UnreadableImageError(f"cannot open: {err.strerror}") from err
+        raise UnreadableImageError(f"cannot open: {err.strerror}", transient=True) from err
     try:
         with file, warnings.catch_warnings():
             # PIL only warns between its limit and twice its limit; a warning is as bad as an error here.
@@ -68,7 +78,11 @@ def read_image_rgb(path: str | Path, max_pixels: int | None = Image.MAX_IMAGE_PI
         raise UnreadableImageError(f"too large (decompression-bomb guard): {err}") from err
     except UnidentifiedImageError as err:
         raise UnreadableImageError("not an image (format not recognised)") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except OSError as err:
+        if err.errno is not None:  # the system failed to read the file (EIO, ESTALE ...): not its content
+            raise UnreadableImageError(f"read error: {err.strerror or err}", transient=True) from err
+        raise UnreadableImageError(f"truncated or corrupt: {err}") from err
+    except (SyntaxError, ValueError, EOFError) as err:
         # PIL reports truncation and corrupt streams as OSError; some plugins raise SyntaxError/ValueError.
         raise UnreadableImageError(f"truncated or corrupt: {err}") from err
 

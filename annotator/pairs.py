@@ -54,35 +54,56 @@ class PairJob:
     scratch_dir: Path
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Why an input file gives no pair. transient: the cause may pass (permissions, I/O errors), so a
+    later run tries the file again; otherwise the file itself is unusable and stays skipped."""
+
+    reason: str
+    transient: bool = False
+
+
 def init_pair_worker() -> None:
     """Run once in each worker process: N workers already keep N cores busy, and OpenCV's own thread pool
     on top of that would only oversubscribe them."""
     cv2.setNumThreads(1)
 
 
-def make_canny_pair(job: PairJob, settings: PairSettings) -> str | None:
-    """Write the target photo (JPEG, RGB) and its Canny edge map (PNG, grey, same size, 255 = edge).
-
-    Returns None on success, or the reason the image was skipped (unreadable, too small, too large).
-    Errors writing the outputs are not bad input and propagate.
-    """
-    try:
-        decoded = read_image_rgb(job.image_path, settings.max_pixels)
-    except UnreadableImageError as err:
-        return str(err)
+def _decode_for_pair(image_path: Path, settings: PairSettings) -> tuple[np.ndarray, bool]:
+    decoded = read_image_rgb(image_path, settings.max_pixels)
     pixels = decoded.pixels
     height, width = pixels.shape[:2]
     if min(height, width) < settings.min_side:
-        return f"too small: {width}x{height}, shorter side < {settings.min_side} px"
+        raise UnreadableImageError(f"too small: {width}x{height}, shorter side < {settings.min_side} px")
     if settings.resolution is not None:
         pixels = resize_and_crop(pixels, settings.resolution)
+    return pixels, decoded.file_is_rgb_jpeg and settings.resolution is None
+
+
+def pair_photo(image_path: Path, settings: PairSettings) -> np.ndarray:
+    """The photo as its pair holds it, before any JPEG encoding: decoded upright RGB uint8, scaled and
+    centre-cropped with settings.resolution (what captions are computed from). Raises UnreadableImageError
+    (unreadable, too small, too large)."""
+    return _decode_for_pair(image_path, settings)[0]
+
+
+def make_canny_pair(job: PairJob, settings: PairSettings) -> Skip | None:
+    """Write the target photo (JPEG, RGB) and its Canny edge map (PNG, grey, same size, 255 = edge).
+
+    Returns None on success, or why the image was skipped (unreadable, too small, too large).
+    Errors writing the outputs are not bad input and propagate.
+    """
+    try:
+        pixels, copy_file = _decode_for_pair(job.image_path, settings)
+    except UnreadableImageError as err:
+        return Skip(str(err), err.transient)
     thresholds = settings.thresholds or random_thresholds(settings.random_seed, job.key)
     edges = canny(pixels, thresholds)
 
     job.scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch_target = job.scratch_dir / job.target_path.name
     scratch_source = job.scratch_dir / job.source_path.name
-    if decoded.file_is_rgb_jpeg and settings.resolution is None:
+    if copy_file:  # an upright RGB JPEG kept at its size: its bytes, not a lossy re-encoding
         shutil.copyfile(job.image_path, scratch_target)
     else:
         Image.fromarray(pixels).save(scratch_target, format="JPEG", quality=settings.jpeg_quality)

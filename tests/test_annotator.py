@@ -255,6 +255,8 @@ def test_pair_with_random_thresholds_uses_the_key(tmp_path):
 
 
 def test_pair_skips_with_a_reason(tmp_path):
-    assert "too small" in make_canny_pair(_job(tmp_path, image_cases.tiny_png(tmp_path / "t.png")), PairSettings())
-    assert "empty" in make_canny_pair(_job(tmp_path, image_cases.empty_file(tmp_path / "e.jpg")), PairSettings())
+    small = make_canny_pair(_job(tmp_path, image_cases.tiny_png(tmp_path / "t.png")), PairSettings())
+    empty = make_canny_pair(_job(tmp_path, image_cases.empty_file(tmp_path / "e.jpg")), PairSettings())
+    assert "too small" in small.reason and "empty" in empty.reason
+    assert not small.transient and not empty.transient  # the files themselves are unusable
     assert not (tmp_path / "out" / "x.jpg").exists()

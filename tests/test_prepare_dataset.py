@@ -161,11 +161,11 @@ def test_cli_with_tiny_blip_in_both_formats_gives_the_same_captions(tmp_path):
     assert len(entries) == len(good) and all(entry["prompt"] for entry in entries)
     assert len({entry["target"] for entry in entries}) == len(good)
     assert [entry["path"] for entry in read_jsonl(outputs["pth"] / SKIPPED_FILE)] == BAD
-    # The prompts are the captions of the targets they are paired with, whatever the batching.
+    # The prompts are the captions of the decoded photos (as the original captioned its input files; the
+    # EXIF-rotated one's target is a re-encoded JPEG, which is not what is captioned), whatever the batching.
     captioner = load_captioner(pth_path, device="cpu")
-    some = entries[1:]
-    images = [Image.open(outputs["pth"] / entry["target"]).convert("RGB") for entry in some]
-    assert captioner.caption(images) == [entry["prompt"] for entry in some]
+    images = [Image.fromarray(read_image_rgb(uncaptioned_tree / path).pixels) for path in good[1:]]
+    assert captioner.caption(images) == [entry["prompt"] for entry in entries[1:]]
 
 
 # ----------------------------------------------------------------------------- killed and resumed

@@ -1,5 +1,9 @@
 """Captioning the finished pairs in batches: from the .txt beside the input photo when asked to and one
-exists, else with the captioner (BLIP from config.caption_model unless the caller passes its own)."""
+exists, else with the captioner (BLIP from config.caption_model unless the caller passes its own).
+
+The captioner sees the photo as decoded (upright RGB, cropped to --resolution when given), as the original
+captioned the input file, never the re-encoded JPEG target. A caption file that exists but cannot be read
+skips its photo for this run (retried by the next) rather than silently captioning it with BLIP."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from collections.abc import Callable
 from PIL import Image
 from tqdm import tqdm
 
-from annotator.pairs import PairJob
+from annotator.image_io import UnreadableImageError
+from annotator.pairs import PairJob, pair_photo
 from dataset.build.config import BuildConfig, BuildError
 from dataset.build.inputs import read_caption_file
 from dataset.build.journal import Recorder
@@ -38,11 +43,18 @@ class CaptionQueue:
         self.caption_images = caption_images
         self.recorder = recorder
         self.names = names
+        self.pair_settings = config.pair_settings()
         self.pending: list[PairJob] = []
         self.bar = tqdm(total=total, desc="captions", unit=" images", position=1)
 
     def add(self, job: PairJob) -> None:
-        caption = read_caption_file(job.image_path) if self.config.captions_from_txt else None
+        try:
+            caption = read_caption_file(job.image_path) if self.config.captions_from_txt else None
+        except OSError as err:
+            self.recorder.skip(job.key, f"cannot read its caption file {job.image_path.with_suffix('.txt').name}: "
+                                        f"{err.strerror or err}", transient=True)
+            self.one_less()
+            return
         if caption is not None:
             self._record([job], [caption])
             return
@@ -60,12 +72,18 @@ class CaptionQueue:
             return
         if self.caption_images is None:
             self.caption_images = load_default_captioner(self.config)
-        images = []
+        jobs, images = [], []
         for job in self.pending:
-            with Image.open(job.target_path) as image:
-                images.append(image.convert("RGB"))
-        self._record(self.pending, self.caption_images(images))
+            try:
+                images.append(Image.fromarray(pair_photo(job.image_path, self.pair_settings)))
+            except UnreadableImageError as err:  # the photo changed or vanished after its pair was made
+                self.recorder.skip(job.key, str(err), err.transient)
+                self.one_less()
+                continue
+            jobs.append(job)
         self.pending = []
+        if jobs:
+            self._record(jobs, self.caption_images(images))
 
     def _record(self, jobs: list[PairJob], captions: list[str]) -> None:
         if len(captions) != len(jobs):

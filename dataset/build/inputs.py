@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -58,22 +59,75 @@ def extract(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def list_input_files(root: Path) -> list[str]:
-    """Paths relative to root (POSIX, sorted) of every file under it, except caption files: a NAME.txt
-    beside a NAME.* is that file's caption, not an input."""
-    paths = []
-    for folder, _, filenames in os.walk(root):
+@dataclass(frozen=True)
+class InputScan:
+    """What a walk of the input tree found.
+
+    files: paths relative to the root (POSIX, sorted) of every input file; caption files are not inputs.
+    unreadable_folders: {relative folder path: reason} for folders that could not be listed (their files are
+        unknown; such a folder is reported in skipped.jsonl and listed again by the next run).
+    excluded: folders left out because they are the build's own output.
+    """
+
+    files: list[str]
+    unreadable_folders: dict[str, str] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+
+
+def scan_input(root: Path, exclude: Path | None = None) -> InputScan:
+    """Every input file under root. Linked folders are followed (each real folder once, so a link to an
+    ancestor does not loop); `exclude` (the output folder, when it lies inside the input) is left out."""
+    paths: list[str] = []
+    unreadable: dict[str, str] = {}
+    excluded: list[str] = []
+    skip_dir = _identity(exclude) if exclude is not None and exclude.is_dir() else None
+    seen = {_identity(root)}
+
+    def on_error(err: OSError) -> None:
+        folder = Path(err.filename) if err.filename else root
+        relative = "." if folder == root else folder.relative_to(root).as_posix()
+        unreadable[relative] = f"cannot read the folder: {err.strerror or err}"
+
+    for folder, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        kept = []
+        for dirname in sorted(dirnames):
+            path = Path(folder, dirname)
+            try:
+                identity = _identity(path)
+            except OSError as err:  # no permission to look at it (a dangling link is listed as a file)
+                unreadable[path.relative_to(root).as_posix()] = f"cannot read the folder: {err.strerror or err}"
+                continue
+            if identity == skip_dir:
+                excluded.append(path.relative_to(root).as_posix())
+            elif identity not in seen:
+                seen.add(identity)
+                kept.append(dirname)
+        dirnames[:] = kept
         for filename in filenames:
             paths.append(Path(folder, filename).relative_to(root).as_posix())
     stems = {PurePosixPath(path).with_suffix("") for path in paths if not path.lower().endswith(CAPTION_SUFFIX)}
-    return sorted(
+    files = sorted(
         path for path in paths
         if not (path.lower().endswith(CAPTION_SUFFIX) and PurePosixPath(path).with_suffix("") in stems)
     )
+    return InputScan(files, dict(sorted(unreadable.items())), excluded)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """The real folder a path names (links followed): its device and inode."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def list_input_files(root: Path) -> list[str]:
+    """Paths relative to root (POSIX, sorted) of every file under it, except caption files: a NAME.txt
+    beside a NAME.* is that file's caption, not an input."""
+    return scan_input(root).files
 
 
 def read_caption_file(image_path: Path) -> str | None:
-    """The caption in the NAME.txt beside an input file, stripped; None when there is none or it is blank."""
+    """The caption in the NAME.txt beside an input file, stripped; None when there is none or it is blank.
+    A caption file that exists but cannot be read raises OSError."""
     caption_path = image_path.with_suffix(CAPTION_SUFFIX)
     if not caption_path.is_file():
         return None

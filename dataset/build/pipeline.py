@@ -4,6 +4,7 @@ prompt.json and skipped.jsonl rebuilt from the journals at the start, every minu
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from tqdm import tqdm
 from annotator.pairs import PairJob
 from dataset import PROMPT_FILE, SOURCE_DIR, TARGET_DIR, PromptEntry
 from dataset.build.captions import CaptionFunction, CaptionQueue
-from dataset.build.config import BUILD_DIR, SKIPPED_FILE, BuildConfig
-from dataset.build.inputs import fetch_input, list_input_files
-from dataset.build.journal import Journal, Recorder, check_settings, read_journals, write_outputs
+from dataset.build.config import BUILD_DIR, SKIPPED_FILE, BuildConfig, BuildError
+from dataset.build.inputs import fetch_input, scan_input
+from dataset.build.journal import Journal, Recorder, check_settings, is_final, read_journals
 from dataset.build.naming import pair_names
 from dataset.build.workers import auto_workers, make_pairs
 
@@ -29,6 +30,7 @@ class BuildSummary:
     done_before: int  # of those, finished by an earlier run
     written: int  # pairs written and captioned in this run
     skipped: int  # files skipped in this run
+    transient: int  # of those, skipped for a cause that may pass (tried again by the next run)
     dataset_entries: int  # lines of prompt.json
     report_entries: int  # lines of skipped.jsonl
     seconds: float
@@ -38,13 +40,27 @@ class BuildSummary:
     def describe(self) -> str:
         handled = self.written + self.skipped
         rate = handled / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"{self.shard_files} input files in this shard, {self.done_before} done by an earlier run; "
-            f"this run: {self.written} pairs written, {self.skipped} files skipped, "
-            f"{self.seconds:.1f} s, {rate:.2f} images/s\n"
-            f"{self.prompt_path}: {self.dataset_entries} entries; "
-            f"{self.report_path}: {self.report_entries} skipped files with their reasons"
-        )
+        lines = [f"{self.shard_files} input files in this shard, {self.done_before} done by an earlier run; "
+                 f"this run: {self.written} pairs written, {self.skipped} files skipped, "
+                 f"{self.seconds:.1f} s, {rate:.2f} images/s"]
+        if self.transient:
+            lines.append(f"{self.transient} of the skipped files could not be read now (permissions, I/O): "
+                         f"the next run tries them again")
+        lines.append(f"{self.prompt_path}: {self.dataset_entries} entries; "
+                     f"{self.report_path}: {self.report_entries} skipped files with their reasons")
+        return "\n".join(lines)
+
+
+def _output_inside_input(output: Path, input_root: Path) -> Path | None:
+    """The output folder when it lies inside the input tree (its files must not be read back as photos);
+    an input inside the output is refused, except the build's own extraction of an archive."""
+    output_real, input_real = output.resolve(), input_root.resolve()
+    if input_real.is_relative_to((output / BUILD_DIR).resolve()):
+        return None
+    if input_real.is_relative_to(output_real):
+        raise BuildError(f"--output {output} contains --input {input_root}: the build would read its own "
+                         f"outputs; choose an --output outside the input folder")
+    return output if output_real.is_relative_to(input_real) else None
 
 
 def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = None) -> BuildSummary:
@@ -60,44 +76,56 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
         folder.mkdir(parents=True, exist_ok=True)
     check_settings(build_dir, config.output_settings())
     input_root = fetch_input(config.input, build_dir)
-    all_files = list_input_files(input_root)
+    scan = scan_input(input_root, exclude=_output_inside_input(output, input_root))
+    for folder in scan.excluded:
+        tqdm.write(f"note: left out {input_root / folder}: it is this build's --output", file=sys.stderr)
+    for folder, reason in scan.unreadable_folders.items():
+        tqdm.write(f"warning: {input_root / folder}: {reason}; its photos are missing (listed again on the next run)",
+                   file=sys.stderr)
+    all_files = scan.files
     names = pair_names(all_files)
     shard_files = all_files[config.shard_index :: config.shard_count]
-    finished = read_journals(build_dir)
-    todo = [path for path in shard_files if path not in finished]
-    write_outputs(output)
-
     shard_tag = f"{config.shard_index}-of-{config.shard_count}"
+    journal = Journal(build_dir / f"journal-{shard_tag}.jsonl")  # refuses a second process on this shard
+    recorder = Recorder(output, journal, names, scan.unreadable_folders)
     scratch = build_dir / f"scratch-{shard_tag}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    jobs, ready = [], []
-    for path in todo:
-        paths = PromptEntry.for_name(names[path], prompt="")
-        job = PairJob(input_root / path, path, output / paths.target, output / paths.source, scratch)
-        # Pairs are renamed into place whole, so existing files are complete ones from an earlier run.
-        (ready if job.target_path.is_file() and job.source_path.is_file() else jobs).append(job)
-
-    journal = Journal(build_dir / f"journal-{shard_tag}.jsonl")
-    recorder = Recorder(output, journal)
-    captions = CaptionQueue(config, caption_images, recorder, names, total=len(todo))
+    captions = None
     try:
+        finished = read_journals(build_dir)
+        todo = [path for path in shard_files if not (path in finished and is_final(finished[path], names[path]))]
+        recorder.write_outputs()
+        # Which input each NAME's pair on disk was made for, as far as the journals know.
+        made_for = {record["name"]: path for path, record in finished.items() if "name" in record}
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        jobs, ready = [], []
+        for path in todo:
+            paths = PromptEntry.for_name(names[path], prompt="")
+            job = PairJob(input_root / path, path, output / paths.target, output / paths.source, scratch)
+            # Pairs are renamed into place whole, so existing files are complete ones from an earlier run,
+            # unless they were made for another (since removed or renamed) photo of the same NAME.
+            on_disk = job.target_path.is_file() and job.source_path.is_file()
+            (ready if on_disk and made_for.get(names[path], path) == path else jobs).append(job)
+
+        captions = CaptionQueue(config, caption_images, recorder, names, total=len(todo))
         for job in ready:
             captions.add(job)
         # closing(): stops the worker pool at once if captioning fails or the run is interrupted.
         workers = auto_workers(len(jobs)) if config.workers is None else config.workers
         with closing(make_pairs(jobs, config.pair_settings(), workers)) as pairs:
-            for job, reason in tqdm(pairs, total=len(jobs), desc="canny", unit=" images", position=0):
-                if reason is None:
+            for job, skip in tqdm(pairs, total=len(jobs), desc="canny", unit=" images", position=0):
+                if skip is None:
                     captions.add(job)
                 else:
-                    recorder.record([{"input": job.key, "skipped": reason}])
+                    recorder.skip(job.key, skip.reason, skip.transient)
                     captions.one_less()
         captions.flush()
     finally:
-        captions.close()
+        if captions is not None:
+            captions.close()
         journal.close()
         shutil.rmtree(scratch, ignore_errors=True)
-        dataset_entries, report_entries = write_outputs(output)
+        dataset_entries, report_entries = recorder.write_outputs()
     return BuildSummary(len(shard_files), len(shard_files) - len(todo), recorder.written, recorder.skipped,
-                        dataset_entries, report_entries, time.perf_counter() - start,
+                        recorder.transient, dataset_entries, report_entries, time.perf_counter() - start,
                         output / PROMPT_FILE, output / SKIPPED_FILE)
