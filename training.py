@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf.errors import OmegaConfBaseException
 
-from cldm.inference_loading import DEFAULT_CONFIG
+from cldm.inference_loading import DEFAULT_CONFIG, load_base_and_control
 from cldm.model import load_config
 from common.cli import non_negative_int, positive_float, positive_int
 from dataset import ControlDataset, DatasetError
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", default=DEFAULT_CONFIG, help="model config (cldm_v15.yaml / cldm_v21.yaml)")
     model.add_argument("--init", help="initial weights: the tool_add_control.py output or a training "
                                       "checkpoint (required unless --resume)")
+    model.add_argument("--init-control", default=None,
+                       help="ControlNet weights to start from instead of --init's: a diffusers ControlNet folder or "
+                            "a control-only file (e.g. control_v11p_sd15_canny.pth, a tool_export.py control file), "
+                            "with --init the SD checkpoint; fine-tunes a released ControlNet")
     model.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=True,
                        help="keep the SD UNet locked; --no-sd-locked also trains its decoder (output blocks)")
     model.add_argument("--only-mid-control", action=argparse.BooleanOptionalAction, default=False,
@@ -328,6 +332,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--cache-latents holds one (centre) crop of each target: it cannot train on --random-crop")
     if args.cache_dir is not None and not args.cache_latents:
         parser.error("--cache-dir is where --cache-latents keeps its cache: give --cache-latents too")
+    if args.init_control is not None and args.init is None:
+        parser.error("--init-control needs --init, the Stable Diffusion checkpoint the ControlNet goes with")
     if args.resume is None and args.init is None:
         parser.error("--init is required for a new run (the tool_add_control.py output); "
                      "or continue a run with --resume")
@@ -358,10 +364,13 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
         fused_adamw=args.fused_adamw, channels_last=args.channels_last, config=str(args.config), init=args.init,
-        data=str(args.data), resolution=args.resolution,
+        init_control=args.init_control, data=str(args.data), resolution=args.resolution,
         batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
         cache_latents=args.cache_latents)
-    if load_init:
+    if load_init and args.init_control is not None:
+        for line in load_base_and_control(module.model, model_config, args.init, args.init_control):
+            print(line)
+    elif load_init:
         report = load_initial_weights(module.model, model_config, args.init)
         print(f"{args.init}: {report}")
     return module
