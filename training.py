@@ -55,9 +55,14 @@ from trainer.latent_cache import LatentCacheDataModule, LatentCacheError
 from trainer.logger import ImageLogger
 from trainer.module import (
     DEFAULT_LEARNING_RATE,
+    DEFAULT_OPTIMIZER,
     DEFAULT_PROMPT_DROPOUT,
+    OPTIMIZERS,
     ControlNetTrainer,
+    MissingPackageError,
     NonFiniteLossError,
+    check_optimizer_resume,
+    import_bitsandbytes,
     load_initial_weights,
     training_model_config,
 )
@@ -153,6 +158,17 @@ def _probability(text: str) -> float:
     return value
 
 
+class _FusedAdamWAlias(argparse.BooleanOptionalAction):
+    """--fused-adamw / --no-fused-adamw, the flags from before --optimizer: --optimizer adamw-fused / adamw
+    (the later of these flags wins)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object):
+        super().__init__(option_strings, dest="optimizer", default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, "adamw" if option_string.startswith("--no-") else "adamw-fused")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones (their help says what None means)."""
 
@@ -212,8 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under bf16-mixed / 16-mixed, store the locked UNet, VAE and text encoder in that dtype "
                             "(the ControlNet keeps fp32 weights; checkpoints hold fp32); --no-half-locked keeps "
                             "them fp32")
-    train.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
-                       help="AdamW's fused kernel on CUDA and CPU (the same update, fewer kernel launches)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                       help="AdamW of the trained weights: adamw (PyTorch's default kernel), adamw-fused (its fused "
+                            "kernel on CUDA and CPU: the same update, fewer kernel launches), adamw8bit (8-bit "
+                            "moments, 2 instead of 8 bytes of state per trained weight; needs the bitsandbytes "
+                            "package)")
+    train.add_argument("--fused-adamw", action=_FusedAdamWAlias,
+                       help="the same as --optimizer adamw-fused; --no-fused-adamw: --optimizer adamw")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the UNet and the ControlNet (the first steps take longer while it "
+                            "compiles; checkpoints are the same)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="keep the model in NHWC memory format: faster convolutions on CPUs (oneDNN; "
                             "bench/train_step.py's cpu preset) and often on GPUs with mixed precision (cuDNN)")
@@ -332,6 +356,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--cache-latents holds one (centre) crop of each target: it cannot train on --random-crop")
     if args.cache_dir is not None and not args.cache_latents:
         parser.error("--cache-dir is where --cache-latents keeps its cache: give --cache-latents too")
+    if args.optimizer == "adamw8bit":
+        try:
+            import_bitsandbytes()
+        except MissingPackageError as err:
+            parser.error(str(err))
     if args.init_control is not None and args.init is None:
         parser.error("--init-control needs --init, the Stable Diffusion checkpoint the ControlNet goes with")
     if args.resume is None and args.init is None:
@@ -363,7 +392,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
     module = ControlNetTrainer(
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
-        fused_adamw=args.fused_adamw, channels_last=args.channels_last, config=str(args.config), init=args.init,
+        optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile, config=str(args.config),
+        init=args.init,
         init_control=args.init_control, data=str(args.data), resolution=args.resolution,
         batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
         cache_latents=args.cache_latents)
@@ -451,6 +481,8 @@ def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -
             return 2
         if resume is not None and resume.is_file():
             open_lazy(resume).close()  # a refused or unreadable file: one line naming it, before the model loads
+        if resume is not None:  # before the model loads, as the checks above
+            check_optimizer_resume(checkpointing.saved_hyperparameters(resume), args.optimizer)
         module = build_module(args, load_init=resume is None, precision=str(trainer.precision))
         if resume is not None:
             for line in checkpointing.resume_setting_changes(checkpointing.saved_hyperparameters(resume),

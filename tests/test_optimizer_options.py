@@ -27,7 +27,7 @@ UPDATE_RTOL = 1e-2
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_optimizer_is_fused_adamw_when_asked(fused):
-    module = ControlNetTrainer(training_model_config(TINY_CONFIG), fused_adamw=fused)
+    module = ControlNetTrainer(training_model_config(TINY_CONFIG), optimizer="adamw-fused" if fused else "adamw")
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert bool(optimizer.defaults["fused"]) is fused

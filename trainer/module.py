@@ -30,6 +30,7 @@ have the original layout and dtypes whatever the run's precision.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -45,11 +46,24 @@ from ldm.lazy_checkpoint import open_lazy
 from ldm.modules.attention import AttentionKind
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
+from trainer.checkpointing import ResumeRefusedError
 from trainer.logger import DEFAULT_DDIM_STEPS, DEFAULT_GUIDANCE_SCALE, DEFAULT_MAX_IMAGES
 from trainer.resumable_data import derived_seed
 
 # Devices with PyTorch's fused AdamW kernel (the fp32 trainable weights qualify).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# The optimizers of the trainable weights, all AdamW (the original's): PyTorch's default (foreach) kernel,
+# its fused kernel (the same update in fewer launches; the default implementation where the device has no
+# fused kernel), and bitsandbytes' 8-bit AdamW (Dettmers et al. 2022: both moments block-wise quantised to
+# 8 bits, 2 bytes of state per weight instead of 8; tensors under 4096 elements keep fp32 state).
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw8bit")
+DEFAULT_OPTIMIZER = "adamw-fused"
+# The optional package of "adamw8bit" (not in requirements.txt).
+BITSANDBYTES = "bitsandbytes"
+# The form of each optimizer's saved state: a resume may switch between optimizers of one form only.
+# Checkpoints written before the optimizer was a choice hold PyTorch AdamW state.
+OPTIMIZER_STATE_FORMS = {"adamw": "PyTorch AdamW", "adamw-fused": "PyTorch AdamW", "adamw8bit": "bitsandbytes 8-bit"}
+SAVED_OPTIMIZER_BEFORE_THE_CHOICE = "adamw"
 # Values allowed in hyper_parameters: what torch.load(weights_only=True) reads back.
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 # Keys of a cached batch (see the module doc).
@@ -60,6 +74,50 @@ CACHED_EMPTY_CONTEXT = "empty_context"
 LOCKED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # The frozen encoders whose outputs a latent cache holds.
 FROZEN_ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")
+
+
+class MissingPackageError(ImportError):
+    """An option needs an optional package that is not installed; the message says which and how to get it."""
+
+
+def import_bitsandbytes() -> Any:
+    """The bitsandbytes module, or MissingPackageError naming the option that needs it."""
+    # Its CPU backend warns at import that a 4-bit matmul kernel (of a package we do not use) is missing.
+    cpu_backend_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_backend_log.level
+    cpu_backend_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        why = "is not installed" if err.name == BITSANDBYTES else f"does not import ({err})"
+        raise MissingPackageError(f"--optimizer adamw8bit needs the {BITSANDBYTES} package, which {why}: "
+                                  f"pip install {BITSANDBYTES}") from None
+    finally:
+        cpu_backend_log.setLevel(level)
+    return bitsandbytes
+
+
+def make_optimizer(name: str, parameters: Sequence[nn.Parameter], learning_rate: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """One of OPTIMIZERS over `parameters` (on `device`), with AdamW's defaults otherwise (betas (0.9, 0.999),
+    eps 1e-8, weight decay 0.01)."""
+    if name == "adamw8bit":
+        return import_bitsandbytes().optim.AdamW8bit(parameters, lr=learning_rate)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    fused = name == "adamw-fused" and device.type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(parameters, lr=learning_rate, fused=fused or None)
+
+
+def check_optimizer_resume(saved_hyperparameters: Mapping[str, Any], optimizer: str) -> None:
+    """ResumeRefusedError when `optimizer` cannot take over the optimizer state of a checkpoint written
+    with `saved_hyperparameters` (8-bit state and PyTorch AdamW's moments do not convert)."""
+    saved = saved_hyperparameters.get("optimizer", SAVED_OPTIMIZER_BEFORE_THE_CHOICE)
+    if OPTIMIZER_STATE_FORMS.get(saved) != OPTIMIZER_STATE_FORMS[optimizer]:
+        raise ResumeRefusedError(f"--optimizer {optimizer}: the checkpoint holds {saved}'s state "
+                                 f"({OPTIMIZER_STATE_FORMS.get(saved, 'unknown')}), which {optimizer} cannot "
+                                 f"continue; resume with --optimizer {saved}, or start a new run with --init "
+                                 f"CHECKPOINT")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +135,9 @@ def training_model_config(config_path: str | os.PathLike, attention: AttentionKi
     return model_config
 
 
-def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None) -> None:
+def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None, optimizer: str) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not 0.0 <= prompt_dropout <= 1.0:
         raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
     if seed < 0:
@@ -140,27 +200,28 @@ class ControlNetTrainer(L.LightningModule):
     learning_rate: AdamW's, as the original (1e-5). sd_locked: False also trains the UNet decoder
     (`output_blocks`, `out`). prompt_dropout: probability of replacing a prompt by "" (the paper: 0.5).
     seed: of the per-step generators. locked_dtype: None (fp32), "bfloat16" or "float16": the storage
-    dtype of the locked parts (see the module doc; train under autocast of that dtype). fused_adamw: AdamW's
-    fused kernel (one launch for all parameters) on CUDA and CPU; elsewhere the default implementation.
-    channels_last: the whole model in NHWC memory format (oneDNN and cuDNN convolutions prefer it; the
-    dataset's HWC images are already NHWC once permuted). training_options: plain values recorded in the
+    dtype of the locked parts (see the module doc; train under autocast of that dtype). optimizer: one of
+    OPTIMIZERS (see there; "adamw8bit" needs bitsandbytes). channels_last: the whole model in NHWC memory
+    format (oneDNN and cuDNN convolutions prefer it; the dataset's HWC images are already NHWC once permuted).
+    compile: torch.compile the UNet's and the ControlNet's forward (`nn.Module.compile`: in place, so the
+    state dict keys stay those of the original layout). training_options: plain values recorded in the
     checkpoint only.
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
 
     def __init__(self, model_config: Mapping[str, Any], learning_rate: float = DEFAULT_LEARNING_RATE,
                  sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0,
-                 locked_dtype: str | None = None, fused_adamw: bool = True, channels_last: bool = False,
-                 **training_options: Any):
+                 locked_dtype: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
+                 compile: bool = False, **training_options: Any):
         super().__init__()
-        _check_options(prompt_dropout, seed, locked_dtype)
+        _check_options(prompt_dropout, seed, locked_dtype, optimizer)
         model_config = copy.deepcopy(dict(model_config))
         _check_plain(model_config, "model_config")
         _check_plain(training_options, "training_options")
         # Every argument goes into the checkpoint (hparams), so a checkpoint rebuilds its trainer alone.
         self.save_hyperparameters()
         self.learning_rate, self.sd_locked, self.prompt_dropout = learning_rate, sd_locked, prompt_dropout
-        self.seed, self.locked_dtype, self.fused_adamw = seed, locked_dtype, fused_adamw
+        self.seed, self.locked_dtype, self.optimizer_name = seed, locked_dtype, optimizer
         self.model = instantiate_from_config(model_config)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -170,6 +231,9 @@ class ControlNetTrainer(L.LightningModule):
         if locked_dtype is not None:
             for module in self.locked_modules():
                 module.to(LOCKED_DTYPES[locked_dtype])
+        if compile:
+            for network in self.compiled_modules():
+                network.compile()
         self.train()
 
     # ---- what trains ------------------------------------------------------------------------------
@@ -188,6 +252,11 @@ class ControlNetTrainer(L.LightningModule):
         frozen_unet = [unet] if self.sd_locked else [part for part in unet.children() if part not in trainable]
         return [self.model.first_stage_model, self.model.cond_stage_model, *frozen_unet]
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """What `compile` compiles: the networks that run in every step with autograd, the UNet and the
+        ControlNet (the VAE and text encoder run once per step without it, or not at all with a cache)."""
+        return [self.model.model.diffusion_model, self.model.control_model]
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         for module in self.trainable_modules():
             yield from module.parameters()
@@ -200,8 +269,7 @@ class ControlNetTrainer(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        fused = self.fused_adamw and self.device.type in FUSED_ADAMW_DEVICES
-        return torch.optim.AdamW(list(self.trainable_parameters()), lr=self.learning_rate, fused=fused or None)
+        return make_optimizer(self.optimizer_name, list(self.trainable_parameters()), self.learning_rate, self.device)
 
     # ---- checkpoint contract ----------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
