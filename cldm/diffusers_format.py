@@ -115,6 +115,8 @@ def _shared_config(params: Mapping[str, Any]) -> dict[str, Any]:
         "upcast_attention": False,
         "class_embed_type": None,
         "addition_embed_type": None,
+        "addition_time_embed_dim": None,
+        "projection_class_embeddings_input_dim": None,
     }
 
 
