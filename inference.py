@@ -3,6 +3,7 @@
     python inference.py --ckpt models/control_sd15_canny.pth --image photo.jpg --prompt "a bird"
     python inference.py --ckpt runs/x/checkpoints/last.ckpt --hint edges.png --prompt "a bird"
     python inference.py --ckpt control_only.safetensors --sd-ckpt v1-5-pruned.ckpt --image photo.jpg
+    python inference.py --ckpt controlnet-canny/ --sd-ckpt v1-5-pruned.ckpt --image photo.jpg   # diffusers
 
 Defaults are those of the original's canny app (gradio_canny2image.py). Writes each sample, the control
 image and a grid (control first) as PNG under --output. The notebook calls `main([...])`, or
@@ -118,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate images with a ControlNet (DDIM sampling).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint, full ControlNet checkpoint "
-                        "(.ckpt/.pth/.safetensors), or a control-only file (with --sd-ckpt)")
-    parser.add_argument("--config", default=None, help="model config for full / control-only files "
-                        "(default: models/cldm_v15.yaml; training checkpoints carry their own)")
-    parser.add_argument("--sd-ckpt", default=None, help="Stable Diffusion checkpoint for a control-only --ckpt")
+                        "(.ckpt/.pth/.safetensors), or a ControlNet alone (with --sd-ckpt): a control-only file "
+                        "(tool_export.py's, or a released one such as control_v11p_sd15_canny.pth) or a diffusers "
+                        "ControlNetModel folder")
+    parser.add_argument("--config", default=None, help="model config for full / control-only files and diffusers "
+                        "folders (default: the one a tool_export.py control file carries, else models/cldm_v15.yaml; "
+                        "training checkpoints carry their own)")
+    parser.add_argument("--sd-ckpt", default=None, help="Stable Diffusion checkpoint for a --ckpt that holds only "
+                        "a ControlNet")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="a photo: its Canny edges are the control")
     source.add_argument("--hint", help="a ready control image (e.g. an edge map, white edges on black)")
