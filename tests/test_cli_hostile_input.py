@@ -24,12 +24,13 @@ from PIL import Image
 import inference
 import prepare_dataset
 import tool_add_control
+import tool_export
 import training
 from tests.reference import TINY_CONFIG
 from tests.training_helpers import IMAGE_SIZE, train_args
 
 SCRIPTS = {"training": training, "inference": inference, "prepare_dataset": prepare_dataset,
-           "tool_add_control": tool_add_control}
+           "tool_add_control": tool_add_control, "tool_export": tool_export}
 HUGE_BYTES = 2**62
 
 
@@ -96,6 +97,11 @@ def _prepare(f: Files, *extra: str) -> list[str]:
 
 def _add_control(f: Files, *extra: str, source: Path | None = None) -> list[str]:
     return [str(source or f.init), str(f.out / "control.safetensors"), "--config", str(TINY_CONFIG), "--quiet",
+            *extra]
+
+
+def _export(f: Files, *extra: str, source: Path | None = None, output: Path | None = None) -> list[str]:
+    return [str(source or f.init), str(output or f.out / "control.safetensors"), "--config", str(TINY_CONFIG),
             *extra]
 
 
@@ -175,6 +181,26 @@ CASES: list[tuple[str, str, Callable[[Files], list[str]], int | tuple[int, ...],
      "none.ckpt"),
     ("add-control-dtype", "tool_add_control", lambda f: _add_control(f, "--dtype", "fp8"), 2,
      "argument --dtype: invalid choice"),
+    # tool_export.py
+    ("export-format", "tool_export", lambda f: _export(f, "--format", "onnx"), 2, "argument --format: invalid choice"),
+    ("export-dtype", "tool_export", lambda f: _export(f, "--dtype", "fp8"), 2, "argument --dtype: invalid choice"),
+    ("export-input-missing", "tool_export", lambda f: _export(f, source=f.root / "none.ckpt"), 2, "none.ckpt"),
+    ("export-pickled-code", "tool_export", lambda f: _export(f, source=f.pickle), 2, "code.ckpt: refused to load"),
+    ("export-huge-tensor", "tool_export", lambda f: _export(f, source=f.huge_tensor), 2, "huge_tensor.safetensors"),
+    ("export-huge-header", "tool_export", lambda f: _export(f, source=f.huge_header), 2, "huge_header.safetensors"),
+    ("export-not-a-checkpoint", "tool_export", lambda f: _export(f, source=f.a_file), 2, "a_file"),
+    ("export-config-missing", "tool_export", lambda f: _export(f, "--config", str(f.root / "none.yaml")), 2,
+     "config not found"),
+    ("export-output-a-folder", "tool_export", lambda f: _export(f, "--format", "diffusers", output=f.root), 2,
+     "already exists (a folder)"),
+    ("export-output-in-a-file", "tool_export", lambda f: _export(f, output=f.a_file / "c.safetensors"), 2,
+     "is a file, not a folder"),
+    ("export-control-suffix", "tool_export", lambda f: _export(f, output=f.out / "control.ckpt"), 2,
+     "is a .safetensors file"),
+    ("export-original-suffix", "tool_export", lambda f: _export(f, "--format", "original",
+                                                                output=f.out / "full.bin"), 2, ".ckpt/.pth/.pt"),
+    ("export-position-ids-control", "tool_export", lambda f: _export(f, "--clip-position-ids"), 2,
+     "--clip-position-ids applies to --format original only"),
 ]
 
 # What this machine lacks: a GPU (the CPU-only CI) or the deepspeed package.
