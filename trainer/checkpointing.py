@@ -37,6 +37,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from common.disk import DiskFullError, check_free_space, human_size, is_disk_full, room_for
 from trainer.step_callback import EveryNSteps
 
 LAST = "last.ckpt"
@@ -46,6 +47,8 @@ STEP_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKSUM_SUFFIX = ".sha256"
 HASH_CHUNK = 1 << 24  # 16 MiB reads: a checkpoint of 8.6 GB is hashed at disk speed with little memory
+# Room for what a checkpoint holds besides its tensors (the pickled structure, hyperparameters, loop state).
+CHECKPOINT_SPACE_MARGIN = 1 << 20
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -207,22 +210,60 @@ def verify_resume_checkpoint(path: Path) -> None:
         raise DamagedCheckpointError(f"--resume {path}: the checkpoint is damaged ({reason})")
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a nested checkpoint structure (about its size on disk)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+def _unmapped(value: Any) -> Any:
+    """`value` with every tensor copied into memory of its own (off the file it was mapped from)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return type(value)((key, _unmapped(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unmapped(item) for item in value)
+    return value
+
+
 class FileCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO without a copy of the whole checkpoint in memory: saving streams to the
     file (Lightning serialises into an in-memory buffer first), loading maps the file (mmap) instead of
-    reading it, and only plain data is unpickled (weights_only)."""
+    reading it, and only plain data is unpickled (weights_only).
+
+    Saving checks the free space first and removes a cut-off file: a full disk is a DiskFullError naming
+    the folder and the size (torch.save itself reports only 'iostream error'). Loading keeps the weights
+    mapped only until Lightning has copied them into the model; everything else (the optimizer's moments,
+    which AdamW would otherwise keep as views of the file) is copied, so that no deleted checkpoint stays
+    mapped, holding its disk space, after the run has replaced it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
         # Not atomic by itself: ResumableCheckpoint writes to a temporary name and renames.
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint, path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        needed = tensor_bytes(checkpoint) + CHECKPOINT_SPACE_MARGIN
+        check_free_space(path.parent, needed, "a checkpoint")
+        try:
+            torch.save(checkpoint, path)
+        except BaseException as err:
+            path.unlink(missing_ok=True)
+            if isinstance(err, Exception) and is_disk_full(err, path.parent, needed):
+                raise DiskFullError(path.parent, needed, "a checkpoint") from err
+            raise
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {key: value if key == "state_dict" else _unmapped(value) for key, value in checkpoint.items()}
 
 
 class ResumeRefusedError(RuntimeError):
@@ -330,6 +371,7 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
     # ---- hooks --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._check_space(trainer, pl_module)
         self._start_time = time.monotonic()
         self._saved_step = trainer.global_step
         self._step_loop_state, self.exception_checkpoint = None, None
@@ -409,6 +451,23 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
         self._restore_signal_handlers()
 
     # ---- files --------------------------------------------------------------------------------------
+    def _check_space(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first step: DiskFullError when the checkpoint folder cannot take one checkpoint (the
+        weights, and AdamW's two moments of each trainable parameter), a warning when it cannot take the
+        keep + 1 that exist at once while the newest is written."""
+        # Counted from the parameters, not state_dict(), which would make fp32 copies of the half-locked parts.
+        weights = sum(p.numel() for p in pl_module.parameters()) + sum(b.numel() for b in pl_module.buffers())
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        needed = 4 * (weights + 2 * trainable) + CHECKPOINT_SPACE_MARGIN
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        room = room_for(self.dirpath, needed)
+        if not trainer.strategy.reduce_boolean_decision(bool(room >= 1), all=True):
+            raise DiskFullError(self.dirpath, needed, "a checkpoint")
+        if room < self.keep + 1:
+            rank_zero_warn(f"{self.dirpath} has room for {room} checkpoint(s) of about {human_size(needed)}; "
+                           f"with --keep-checkpoints {self.keep} the run needs {self.keep + 1} at once: lower "
+                           f"--keep-checkpoints or free some space")
+
     def _save(self, trainer: L.Trainer, path: Path) -> None:
         """Write a checkpoint to path.tmp and rename it (all ranks take part; rank 0 touches files)."""
         temporary = path.with_name(path.name + ".tmp")

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.disk import DiskFullError, check_free_space, is_disk_full
 from dataset import PROMPT_FILE, ControlDataset
 from trainer.module import (
     CACHED_CONTEXT,
@@ -63,6 +64,8 @@ PROMPT_ROWS_FILE = "prompt_rows.npy"
 ARRAY_FILES = (POSTERIOR_FILE, CONTEXTS_FILE, PROMPT_ROWS_FILE)
 FINGERPRINT_FILE = "fingerprint.json"
 EMPTY_PROMPT_ROW = 0
+CACHE_DTYPE = np.dtype("<f4")
+NPY_HEADER_BYTES = 128
 # Prompts per text-encoder call while building (CLIP at 77 tokens: small next to the VAE's work).
 TEXT_BATCH_SIZE = 64
 
@@ -136,7 +139,14 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     prompts = [entry.prompt for entry in pairs.entries]
     distinct = list(dict.fromkeys(["", *prompts]))  # "" first: EMPTY_PROMPT_ROW
     row_of = {prompt: row for row, prompt in enumerate(distinct)}
-    np.save(cache_dir / PROMPT_ROWS_FILE, np.array([row_of[prompt] for prompt in prompts], dtype=np.int64))
+    prompt_rows = np.array([row_of[prompt] for prompt in prompts], dtype=np.int64)
+    try:
+        np.save(cache_dir / PROMPT_ROWS_FILE, prompt_rows)
+    except OSError as err:
+        if is_disk_full(err):
+            raise DiskFullError(cache_dir, prompt_rows.nbytes + NPY_HEADER_BYTES, "the latent cache's "
+                                f"{PROMPT_ROWS_FILE}") from err
+        raise
 
     encoders = (model.first_stage_model, model.cond_stage_model)
     homes = [next(encoder.parameters()).device for encoder in encoders]
@@ -176,26 +186,44 @@ class _Targets(Dataset):
 
 def _write_rows(path: Path, rows: int, batches: Iterable[Any], what: str, encode: Callable[[Any], torch.Tensor],
                 precision_context: Callable[[], AbstractContextManager], pairs: ControlDataset | None = None) -> None:
-    """Write encode(batch) for each batch, in order, as float32 rows of a memory-mapped .npy of `rows`
-    rows (its shape from the first batch); with `pairs`, a non-finite row names its target image."""
-    array = None
+    """Write encode(batch) for each batch, in order, as the float32 rows of a .npy of `rows` rows (its shape
+    from the first batch); with `pairs`, a non-finite row names its target image. Plain sequential writes
+    (not a memory map, whose writes on a full disk end in SIGBUS): a full disk is a DiskFullError naming
+    the folder and the size, checked before the first row and when a write fails; the cut file is removed."""
+    file = None
     start = 0
-    with tqdm(total=rows, desc=f"latent cache: {what}", unit=what.rstrip("s")) as progress:
-        for batch in batches:
-            with precision_context():
-                encoded = encode(batch).float().cpu()
-            if pairs is not None:
-                bad = (~torch.isfinite(encoded).flatten(1).all(dim=1)).nonzero().flatten().tolist()
-                if bad:
-                    names = ", ".join(pairs.entries[start + i].target for i in bad)
-                    raise LatentCacheError(f"the VAE encoder gave NaN or inf for {names}; a run in --precision 32 "
-                                           f"or bf16-mixed avoids fp16 overflows")
-            if array is None:
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *encoded.shape[1:]))
-            array[start:start + len(encoded)] = encoded.numpy()
-            start += len(encoded)
-            progress.update(len(encoded))
-    array.flush()
+    total = 0
+    try:
+        with tqdm(total=rows, desc=f"latent cache: {what}", unit=what.rstrip("s")) as progress:
+            for batch in batches:
+                with precision_context():
+                    encoded = encode(batch).float().cpu()
+                if pairs is not None:
+                    bad = (~torch.isfinite(encoded).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+                    if bad:
+                        names = ", ".join(pairs.entries[start + i].target for i in bad)
+                        raise LatentCacheError(f"the VAE encoder gave NaN or inf for {names}; a run in --precision "
+                                               f"32 or bf16-mixed avoids fp16 overflows")
+                if file is None:
+                    shape = (rows, *encoded.shape[1:])
+                    total = int(np.prod(shape)) * CACHE_DTYPE.itemsize
+                    check_free_space(path.parent, total, f"the latent cache's {path.name}")
+                    file = open(path, "wb")
+                    np.lib.format.write_array_header_1_0(file, {
+                        "descr": np.lib.format.dtype_to_descr(CACHE_DTYPE), "fortran_order": False, "shape": shape})
+                file.write(np.ascontiguousarray(encoded.numpy(), dtype=CACHE_DTYPE).tobytes())
+                start += len(encoded)
+                progress.update(len(encoded))
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+    except BaseException as err:
+        if file is not None:
+            file.close()
+            path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and is_disk_full(err):
+            raise DiskFullError(path.parent, total, f"the latent cache's {path.name}") from err
+        raise
 
 
 # ---- reading --------------------------------------------------------------------------------------------
