@@ -20,6 +20,7 @@ from pathlib import Path
 
 from annotator.canny import CannyThresholds
 from common.cli import available_device
+from common.disk import FULL_DISK_ERRNOS, free_bytes, human_size
 from common.download import is_url
 
 JPEG_MAX_QUALITY = 100  # Pillow's scale; above 95 it only grows the files
@@ -136,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as err:
         print(f"prepare_dataset: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in FULL_DISK_ERRNOS:
+            raise
+        print(f"prepare_dataset: error: no space left on {args.output} ({human_size(free_bytes(args.output))} free): "
+              f"the pairs made so far are kept; free some space and run the same command again to continue",
+              file=sys.stderr)
+        return 1
     print(summary.describe())
     return 0
 

@@ -146,3 +146,31 @@ def test_a_resumed_run_keeps_no_mapping_of_its_checkpoint(tmp_path, init_path, f
     probe = AtStep(3, lambda trainer, module: seen.append(mapped_checkpoints()))
     assert training.main([*args, "--max-steps", "4", "--resume", "last"], callbacks=[probe]) == 0
     assert seen == [[]]  # AdamW's moments are not views of the file that step 4 replaces
+
+
+# ------------------------------------------------------------------------------------- dataset build
+
+
+def test_a_dataset_build_on_a_full_disk_stops_cleanly_and_continues_after(tmp_path):
+    from tests.image_cases import rgb_jpeg
+
+    photos = tmp_path / "photos"
+    for index in range(12):
+        rgb_jpeg(photos / f"p{index:02d}.jpg", 96, 80, seed=index)
+        (photos / f"p{index:02d}.txt").write_text(f"photo {index}\n", encoding="utf-8")
+    command = [sys.executable, "prepare_dataset.py", "--input", str(photos), "--captions-from-txt", "--workers", "0"]
+    with small_disk(tmp_path / "disk", 40 * 1024) as folder:
+        output = folder / "dataset"
+        full = subprocess.run([*command, "--output", str(output)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert full.returncode == 1, full.stderr[-2000:]
+        assert f"prepare_dataset: error: no space left on {output}" in full.stderr
+        assert "Traceback" not in full.stderr
+        assert no_temporary_files(output)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(folder)], check=True)
+        again = subprocess.run([*command, "--output", str(output)], cwd=REPO, capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 0, again.stderr[-2000:]
+        prompts = [line for line in (output / "prompt.json").read_text(encoding="utf-8").splitlines()]
+        done_before = int(again.stdout.split(" done by an earlier run")[0].rsplit(" ", 1)[1])
+        assert len(prompts) == 12 and done_before > 0  # what the first run finished was kept
