@@ -282,3 +282,16 @@ def test_failed_write_leaves_nothing(tmp_path: Path, locked_run: Path, monkeypat
             cldm.export.export(source, out / "folder", "diffusers")
     assert len(calls) == 2
     assert list(out.iterdir()) == []
+
+
+def test_lightning_checkpoint_with_model_prefix(tmp_path: Path, locked_run: Path):
+    """A Lightning module that holds the ControlLDM as `model` without our state_dict override saves
+    `model.control_model.*`, `model.model.diffusion_model.*`, ...: the export reads those too."""
+    checkpoint = torch.load(locked_run, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
+    prefixed = tmp_path / "prefixed.ckpt"
+    torch.save(checkpoint, prefixed)
+    assert _export(prefixed, tmp_path / "a.safetensors", "--dtype", "fp32") == 0
+    assert _export(locked_run, tmp_path / "b.safetensors", "--dtype", "fp32") == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
