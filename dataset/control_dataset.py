@@ -161,7 +161,60 @@ def _hint_values(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / UINT8_MAX
 
 
-class ControlDataset(Dataset):
+class SkipsUnreadablePairs(Dataset):
+    """A dataset of pairs (`self.entries`, read by `_item(index)`, which raises UnreadableImageError or
+    DatasetError for a pair it cannot read) where an unreadable pair's place is taken by the next readable
+    one (index + 1, + 2, ... around the end): a fixed function of the index, so a resumed run still sees
+    what an uninterrupted one saw. Each unreadable pair is recorded once per process for `take_skipped`.
+    Subclasses call `_init_skips()` and may mark pairs known to be unreadable in `_known_unreadable`."""
+
+    entries: list[PromptEntry]
+    root: Path
+
+    def _init_skips(self, known_unreadable: dict[int, str] | None = None) -> None:
+        # index -> why its pair cannot be read, in this process (each DataLoader worker has its own).
+        self._unreadable: dict[int, str] = {}
+        self._new_skips: list[tuple[int, str]] = []
+        self._known_unreadable = dict(known_unreadable or {})
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _item(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        """Item `index`, or, when its pair cannot be read, the next readable pair's; DatasetError when no
+        pair at all can be read."""
+        # Out of range stays an IndexError (the substitution wraps around the end, but only for real
+        # indices): `list(dataset)` and other sequence protocols stop there.
+        if not -len(self.entries) <= index < len(self.entries):
+            raise IndexError(f"pair {index} of a dataset of {len(self.entries)}")
+        index %= len(self.entries)
+        for step in range(len(self.entries)):
+            candidate = (index + step) % len(self.entries)
+            if candidate in self._unreadable:
+                continue
+            entry = self.entries[candidate]
+            try:
+                if candidate in self._known_unreadable:
+                    raise UnreadableImageError(self._known_unreadable[candidate])
+                return self._item(candidate)
+            except (UnreadableImageError, DatasetError) as err:
+                self._unreadable[candidate] = f"{entry.source} + {entry.target}: {err}"
+                self._new_skips.append((candidate, self._unreadable[candidate]))
+        first = self._unreadable[min(self._unreadable)]
+        raise DatasetError(f"none of the {len(self.entries)} pairs of {self.root / PROMPT_FILE} can be read "
+                           f"(the first: {first})")
+
+    def take_skipped(self) -> list[tuple[int, str]]:
+        """The pairs found unreadable in this process since the last call: (index, "SOURCE + TARGET:
+        reason"). A DataLoader worker's list travels back with its batch (trainer.resumable_data)."""
+        skipped, self._new_skips = self._new_skips, []
+        return skipped
+
+
+class ControlDataset(SkipsUnreadablePairs):
     """Training pairs of a dataset folder, as the original's `dict(jpg, txt, hint)` (see the module doc).
 
     resolution: N scales each pair's short side to N and crops N x N (the same window for target and
@@ -187,48 +240,13 @@ class ControlDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.entries = read_prompt_file(self.root)
-        # index -> why its pair cannot be read, in this process (each DataLoader worker has its own).
-        self._unreadable: dict[int, str] = {}
-        self._new_skips: list[tuple[int, str]] = []
+        self._init_skips()
         if resolution is None:
             self._check_one_size()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random draws of this epoch (only matters with a seed)."""
         self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
-        """Item `index`, or, when its pair cannot be read, the next readable pair's (index + 1, + 2, ...
-        around the end): a fixed function of the index, so a resumed run still sees what an uninterrupted
-        one saw. Each unreadable pair is recorded once per process for `take_skipped`; DatasetError when
-        no pair at all can be read."""
-        # Out of range stays an IndexError (the substitution wraps around the end, but only for real
-        # indices): `list(dataset)` and other sequence protocols stop there.
-        if not -len(self.entries) <= index < len(self.entries):
-            raise IndexError(f"pair {index} of a dataset of {len(self.entries)}")
-        index %= len(self.entries)
-        for step in range(len(self.entries)):
-            candidate = (index + step) % len(self.entries)
-            if candidate in self._unreadable:
-                continue
-            try:
-                return self._item(candidate)
-            except (UnreadableImageError, DatasetError) as err:
-                entry = self.entries[candidate]
-                self._unreadable[candidate] = f"{entry.source} + {entry.target}: {err}"
-                self._new_skips.append((candidate, self._unreadable[candidate]))
-        first = self._unreadable[min(self._unreadable)]
-        raise DatasetError(f"none of the {len(self.entries)} pairs of {self.root / PROMPT_FILE} can be read "
-                           f"(the first: {first})")
-
-    def take_skipped(self) -> list[tuple[int, str]]:
-        """The pairs found unreadable in this process since the last call: (index, "SOURCE + TARGET:
-        reason"). A DataLoader worker's list travels back with its batch (trainer.resumable_data)."""
-        skipped, self._new_skips = self._new_skips, []
-        return skipped
 
     def _item(self, index: int) -> dict[str, np.ndarray | str]:
         entry = self.entries[index]

@@ -135,3 +135,20 @@ def test_a_bug_saves_first_then_shows_its_traceback(tmp_path, init_path, four_pa
         training.main(argv, callbacks=[AtStep(2, fail_with(ZeroDivisionError("bug")), "on_train_batch_start")])
     assert "error: training stopped by an unexpected exception; saved the last finished step" in capsys.readouterr().err
     assert read_training_checkpoint(output / "checkpoints" / LAST)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_training_from_the_latent_cache_goes_on_past_a_truncated_photo(tmp_path, init_path, pairs, capsys):
+    truncate(pairs / "target/1.png")
+    output = tmp_path / "run"
+    args = train_args(init_path, pairs, output, "--batch-size", "1", "--cache-latents")
+    assert training.main([*args, "--max-steps", str(STEPS)]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: latent cache: left out target/1.png: truncated" in out
+    assert err.count("warning: skipped unreadable pair source/1.png + target/1.png: target/1.png: truncated") == 1
+    assert "skipped 1 unreadable pair(s) of the dataset" in out
+    assert read_training_checkpoint(output / "checkpoints" / LAST)["global_step"] == STEPS
+    # The cache remembers the photo it could not read: a resumed run skips it without reading it again.
+    assert training.main([*args, "--max-steps", str(STEPS + 2), "--resume", "last"]) == 0
+    out, err = capsys.readouterr()
+    assert "latent cache: reusing" in out and "skipped 1 unreadable pair(s)" in out

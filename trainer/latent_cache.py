@@ -45,8 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from annotator.image_io import UnreadableImageError
 from common.disk import DiskFullError, check_free_space, is_disk_full
-from dataset import PROMPT_FILE, ControlDataset
+from dataset import PROMPT_FILE, ControlDataset, DatasetError
+from dataset.control_dataset import SkipsUnreadablePairs
 from trainer.module import (
     CACHED_CONTEXT,
     CACHED_EMPTY_CONTEXT,
@@ -64,6 +66,8 @@ PROMPT_ROWS_FILE = "prompt_rows.npy"
 ARRAY_FILES = (POSTERIOR_FILE, CONTEXTS_FILE, PROMPT_ROWS_FILE)
 FINGERPRINT_FILE = "fingerprint.json"
 EMPTY_PROMPT_ROW = 0
+# fingerprint.json's record of the photos that could not be read while building: {row: reason}.
+UNREADABLE_KEY = "unreadable targets"
 CACHE_DTYPE = np.dtype("<f4")
 NPY_HEADER_BYTES = 128
 # Prompts per text-encoder call while building (CLIP at 77 tokens: small next to the VAE's work).
@@ -153,9 +157,20 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     for encoder in encoders:
         encoder.to(device)
     try:
-        def encode_targets(targets: torch.Tensor) -> torch.Tensor:
+        unreadable: dict[int, str] = {}
+
+        def encode_targets(batch: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
+            targets, reasons = batch
+            first = sum(len(rows) for rows in encoded_rows)
+            for offset, reason in enumerate(reasons):
+                if reason:
+                    unreadable[first + offset] = reason
+                    print(f"warning: latent cache: left out {reason}", flush=True)
+            encoded_rows.append(reasons)
             # As ControlNetTrainer.target_posterior encodes them: the same layout gives the same numbers.
             return model.encode_first_stage(channels_first(targets, device)).parameters
+
+        encoded_rows: list[list[str]] = []
 
         loader = DataLoader(_Targets(pairs), batch_size=batch_size, shuffle=False, **loader_options)
         _write_rows(cache_dir / POSTERIOR_FILE, len(pairs), loader, "targets", encode_targets, precision_context,
@@ -167,21 +182,44 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
         for encoder, home in zip(encoders, homes, strict=True):
             encoder.to(home)
     temporary = cache_dir / (FINGERPRINT_FILE + ".tmp")
-    temporary.write_text(json.dumps(dict(fingerprint), indent=1) + "\n", encoding="utf-8")
+    record = {**fingerprint, UNREADABLE_KEY: {str(index): reason for index, reason in sorted(unreadable.items())}}
+    temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(temporary, cache_dir / FINGERPRINT_FILE)
 
 
 class _Targets(Dataset):
-    """The target images of `pairs` alone ("jpg" of each item; the control images are not read)."""
+    """The target images of `pairs` alone ("jpg" of each item; the control images are not read), each with
+    "" or, for a photo that cannot be read, the reason (its row of zeros is never trained on)."""
 
     def __init__(self, pairs: ControlDataset):
         self.pairs = pairs
+        self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.pairs.target(index)
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        try:
+            values = self.pairs.target(index)
+        except (UnreadableImageError, DatasetError) as err:
+            return np.zeros(self._target_shape(), dtype=np.float32), str(err)
+        self._shape = values.shape
+        return values, ""
+
+    def _target_shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            if self.pairs.resolution is not None:
+                self._shape = (self.pairs.resolution, self.pairs.resolution, 3)
+            else:  # every pair has one size then (ControlDataset checks): take a readable one's
+                for index in range(len(self.pairs)):
+                    try:
+                        self._shape = self.pairs.target(index).shape
+                        break
+                    except (UnreadableImageError, DatasetError):
+                        continue
+                else:
+                    raise DatasetError(f"none of the {len(self.pairs)} photos of {self.pairs.root} can be read")
+        return self._shape
 
 
 def _write_rows(path: Path, rows: int, batches: Iterable[Any], what: str, encode: Callable[[Any], torch.Tensor],
@@ -237,6 +275,9 @@ class LatentCache:
             raise LatentCacheError(f"{self.cache_dir} holds no complete latent cache (build it with "
                                    f"training.py --cache-latents)")
         self._arrays: dict[str, np.ndarray] | None = None
+        stored = json.loads((self.cache_dir / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+        # Rows whose photo could not be read while building (zeros, never trained on): {row: reason}.
+        self.unreadable = {int(row): reason for row, reason in stored.get(UNREADABLE_KEY, {}).items()}
 
     def _mapped(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
@@ -264,9 +305,11 @@ def _check_cacheable(pairs: ControlDataset) -> None:
                          "random_crop")
 
 
-class CachedControlDataset(Dataset):
+class CachedControlDataset(SkipsUnreadablePairs):
     """The pairs of a ControlDataset as cached batches (trainer.module): items {posterior, context,
-    empty_context, txt (the pair's prompt), hint (read from the control image)}. The photos are not read."""
+    empty_context, txt (the pair's prompt), hint (read from the control image)}. The photos are not read.
+    A pair whose photo could not be cached or whose control image cannot be read is replaced by the next
+    readable one and reported, as ControlDataset does."""
 
     def __init__(self, pairs: ControlDataset, cache: LatentCache):
         _check_cacheable(pairs)
@@ -275,12 +318,12 @@ class CachedControlDataset(Dataset):
                                    f"{len(pairs)}: rebuild it with training.py --cache-latents")
         self.pairs = pairs
         self.cache = cache
+        self.entries, self.root = pairs.entries, pairs.root
+        self._init_skips(cache.unreadable)
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
-        return {**self.cache.item(index), "txt": self.pairs.entries[index].prompt, "hint": self.pairs.hint(index)}
+    def _item(self, index: int) -> dict[str, np.ndarray | str]:
+        hint = self.pairs.hint(index)
+        return {**self.cache.item(index), "txt": self.pairs.entries[index].prompt, "hint": hint}
 
 
 class LatentCacheDataModule(ResumableDataModule):
