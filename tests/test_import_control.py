@@ -215,3 +215,14 @@ def test_not_a_controlnet(tmp_path: Path, plain_sd: Path, case: str):
         model = instantiate_from_config(model_config)
     with pytest.raises(CheckpointError, match=str(path)):
         load_base_and_control(model, model_config, plain_sd, path)
+
+
+def test_inference_with_a_released_style_file(tmp_path: Path, run: Path, plain_sd: Path):
+    """Bare keys, fp16, no carried config (as control_v11p_sd15_canny.pth): --config says the model."""
+    control = tmp_path / "control_v11p_tiny_canny.pth"
+    weights = _released_style(run, control)
+    model, lines = load_for_inference(control, TINY_CONFIG, plain_sd)
+    assert any(f"config {TINY_CONFIG}" in line for line in lines)
+    assert all(torch.equal(v, weights[k].float()) for k, v in model.control_model.state_dict().items())
+    with pytest.raises(CheckpointError, match="--sd-ckpt"):
+        load_for_inference(control, TINY_CONFIG)
