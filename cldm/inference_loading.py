@@ -1,4 +1,5 @@
-"""Loading a ControlLDM for inference from any of the three kinds of checkpoint users have.
+"""Loading a ControlLDM for inference from any of the kinds of checkpoint users have (and, for training,
+a released ControlNet on top of an SD checkpoint).
 
 - "training": a `.ckpt` written by training.py. Its `hyper_parameters["model_config"]` is the config's
   `model` section (target + params), so nothing else is needed.
