@@ -295,3 +295,19 @@ def test_lightning_checkpoint_with_model_prefix(tmp_path: Path, locked_run: Path
     assert _export(locked_run, tmp_path / "b.safetensors", "--dtype", "fp32") == 0
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("version", ["v15", "v21"])
+def test_full_size_diffusers_layout_is_diffusers_models(version: str):
+    """The full-size diffusers export's names and shapes are those of diffusers' own ControlNetModel and
+    UNet2DConditionModel built from our config.json (on the meta device)."""
+    from cldm.export import diffusers_controlnet_plan, diffusers_unet_plan
+
+    source = inspect_source(_meta_checkpoint(version))
+    for plan_of, model_class in ((diffusers_controlnet_plan, ControlNetModel),
+                                 (diffusers_unet_plan, UNet2DConditionModel)):
+        plan, config = plan_of(source, torch.float16)
+        with torch.device("meta"):
+            model = model_class.from_config(config)
+        assert {k: s.shape for k, s in plan.specs.items()} == {k: tuple(v.shape)
+                                                              for k, v in model.state_dict().items()}
