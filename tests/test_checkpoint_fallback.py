@@ -132,6 +132,8 @@ def test_setting_changes_say_what_applies():
     assert lines == ["batch_size (--batch-size) 4 -> 8: applies from the resumed step (the current epoch goes "
                      "on at the same batch count)",
                      "learning_rate (--lr) 1e-05 -> 2e-05: applies from the resumed step (AdamW's moments are kept)"]
+    [line] = checkpointing.resume_setting_changes({**saved, "init_control": "c.safetensors"}, saved)
+    assert line.endswith("ignored: the weights come from the checkpoint")
     with pytest.raises(checkpointing.ResumeRefusedError, match=r"sd_locked \(--sd-locked\) True -> False: refused"):
         checkpointing.resume_setting_changes(saved, {**saved, "sd_locked": False})
 

@@ -277,6 +277,7 @@ RESUME_EFFECTS = {
     "batch_size": "applies from the resumed step (the current epoch goes on at the same batch count)",
     "data": "applies from the resumed step (the current epoch goes on at the same batch count)",
     "init": "ignored: the weights come from the checkpoint",
+    "init_control": "ignored: the weights come from the checkpoint",
     "model_config": "applies if the checkpoint's weights fit it (the load is strict)",
 }
 # The optimizer state holds one entry per trainable parameter: another set of them cannot take it over.
