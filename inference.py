@@ -39,6 +39,9 @@ NUM_SAMPLES = 1
 # so memory stays that of one batch (the original's app samples them all at once, up to 12).
 BATCH_SIZE = 4
 RESOLUTION = 512
+# 4x SD 1.5's training size (well past it SD repeats its subject); a mistyped 100000 would otherwise be
+# found out only when the sampler runs out of memory.
+MAX_RESOLUTION = 2048
 STEPS = 20
 STRENGTH = 1.0
 SCALE = 9.0
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="samples per sampling call (a larger --num-samples runs in batches)")
     parser.add_argument("--resolution", type=int, default=RESOLUTION,
-                        help=f"short side of the output, a multiple of {SIZE_MULTIPLE}")
+                        help=f"short side of the output, a multiple of {SIZE_MULTIPLE} up to {MAX_RESOLUTION}")
     parser.add_argument("--steps", type=positive_int, default=STEPS, help="DDIM steps")
     parser.add_argument("--scale", type=non_negative_float, default=SCALE, help="classifier-free guidance scale")
     parser.add_argument("--strength", type=non_negative_float, default=STRENGTH, help="control strength")
@@ -156,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.resolution <= 0 or args.resolution % SIZE_MULTIPLE:
-        parser.error(f"--resolution must be a positive multiple of {SIZE_MULTIPLE}, got {args.resolution}")
+    if not 0 < args.resolution <= MAX_RESOLUTION or args.resolution % SIZE_MULTIPLE:
+        parser.error(f"--resolution must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_RESOLUTION}, "
+                     f"got {args.resolution}")
     if args.image:
         try:
             CannyThresholds(args.low_threshold, args.high_threshold)
