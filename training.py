@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -57,6 +58,7 @@ from trainer.module import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_OPTIMIZER,
     DEFAULT_PROMPT_DROPOUT,
+    HALF_LOCKED_DTYPES,
     OPTIMIZERS,
     ControlNetTrainer,
     MissingPackageError,
@@ -77,6 +79,8 @@ from trainer.run_lock import RunLock, RunLockError
 # leave room for the activations of about 4 (an estimate; no GPU measured it here). The Stanford Dogs recipe
 # (README.md) used 11 with sliced attention; for a larger effective batch keep 4 and raise --accumulate-grad-batches.
 DEFAULT_BATCH_SIZE = 4
+# --batch-size auto: the largest batch that the memory planner (bench/memory.py) fits in the GPU.
+AUTO_BATCH_SIZE = "auto"
 DEFAULT_RESOLUTION = 512
 RESOLUTION_MULTIPLE = 64
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
@@ -84,10 +88,6 @@ AUTO_PRECISION = "auto"
 # Native bf16 arithmetic on NVIDIA GPUs starts with compute capability 8.0 (Ampere: A100, RTX 30xx, L4, ...);
 # older ones (T4, V100) have fp16 tensor cores only.
 BF16_MIN_CAPABILITY = (8, 0)
-# The storage dtype of the locked parts under each mixed precision (ControlNetTrainer.locked_dtype). fp16
-# also for the VAE: under 16-mixed its convolutions already run in fp16 (autocast), so fp16 weights add no
-# overflow risk; a non-finite encoding stops the cache build or the step with a message.
-HALF_LOCKED_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 LATENT_CACHE_DIR = "latent_cache"
 TIME_UNITS = {"d": "days", "day": "days", "days": "days", "h": "hours", "hour": "hours", "hours": "hours",
               "m": "minutes", "min": "minutes", "minute": "minutes", "minutes": "minutes",
@@ -149,6 +149,10 @@ def _devices(text: str) -> str:
     if len(indices) > 1 and all(part.isdigit() for part in indices if part) and any(indices):
         return text
     raise argparse.ArgumentTypeError(f"want 'auto', a count (2), -1 (all) or a list of indices (0,1), got {text!r}")
+
+
+def _batch_size(text: str) -> int | str:
+    return AUTO_BATCH_SIZE if text.strip() == AUTO_BATCH_SIZE else positive_int(text)
 
 
 def _probability(text: str) -> float:
@@ -213,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompt-dropout", type=_probability, default=DEFAULT_PROMPT_DROPOUT,
                       help="probability of training on the empty prompt (the paper: 0.5; the original "
                            "tutorial: 0)")
-    data.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+    data.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE,
                       help="per device; 4 as the original's tutorial, meant for a 16 GB GPU at 512 px (the Stanford "
-                           "Dogs recipe used 11 with sliced attention)")
+                           "Dogs recipe used 11 with sliced attention); auto: the largest batch whose estimated "
+                           "peak memory (--plan) fits in the GPU's free memory with a margin (on the CPU: 4)")
     data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
     train = parser.add_argument_group("training")
@@ -238,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the UNet and the ControlNet (the first steps take longer while it "
                             "compiles; checkpoints are the same)")
+    train.add_argument("--plan", action="store_true",
+                       help="print the estimated peak GPU memory of this training step (bench/memory.py: the same "
+                            "model, precision, batch and options, run under FakeTensorMode, no GPU needed) and exit")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="keep the model in NHWC memory format: faster convolutions on CPUs (oneDNN; "
                             "bench/train_step.py's cpu preset) and often on GPUs with mixed precision (cuDNN)")
@@ -363,7 +371,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(str(err))
     if args.init_control is not None and args.init is None:
         parser.error("--init-control needs --init, the Stable Diffusion checkpoint the ControlNet goes with")
-    if args.resume is None and args.init is None:
+    if args.resume is None and args.init is None and not args.plan:
         parser.error("--init is required for a new run (the tool_add_control.py output); "
                      "or continue a run with --resume")
     return args
@@ -448,6 +456,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
     Returns the exit status (see the module doc).
     """
     args = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     try:  # one run per output folder: a second one would replace the first one's checkpoints
         lock = RunLock.acquire(args.output_dir, warn=lambda line: print(line, file=sys.stderr))
     except RunLockError as err:
@@ -459,12 +469,68 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Callback] = ()) 
         lock.release()
 
 
-def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
-    """main's work once the output folder is locked for this run."""
-    L.seed_everything(args.seed, verbose=False)
+def _planned_step(args: argparse.Namespace, batch_size: int) -> Any:
+    """The memory planner's description of this run's training step (bench.memory.TrainingStep)."""
+    from bench.memory import TrainingStep
+
+    return TrainingStep(config=str(args.config), batch_size=batch_size, resolution=args.resolution,
+                        precision=args.precision, half_locked=args.half_locked,
+                        gradient_checkpointing=args.gradient_checkpointing, attention=args.attention,
+                        optimizer=args.optimizer, sd_locked=args.sd_locked, only_mid_control=args.only_mid_control,
+                        cache_latents=args.cache_latents)
+
+
+def _resolve_precision(args: argparse.Namespace) -> None:
     if args.precision == AUTO_PRECISION:
         args.precision, reason = auto_precision(args.accelerator)
         print(f"--precision auto: {args.precision} ({reason})")
+
+
+def _resolve_batch_size(args: argparse.Namespace) -> str | None:
+    """--batch-size auto -> a number (printed with why); an error line when not even batch 1 fits."""
+    if args.batch_size != AUTO_BATCH_SIZE:
+        return None
+    from bench.memory import GIB, auto_batch_budget, gpu_memory, largest_batch
+
+    gpu = gpu_memory() if args.accelerator in ("auto", "gpu", "cuda") else None
+    if gpu is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
+        print(f"--batch-size auto: {DEFAULT_BATCH_SIZE} (no CUDA GPU in use: the default)")
+        return None
+    name, free, total = gpu
+    budget = auto_batch_budget(free)
+    batch, plan = largest_batch(_planned_step(args, 1), budget)
+    if batch == 0:
+        return (f"--batch-size auto: even batch 1 needs an estimated {plan.peak / GIB:.1f} GiB, more than the "
+                f"{budget / GIB:.1f} GiB usable of the {free / GIB:.1f} GiB free on the {name}: try "
+                f"--gradient-checkpointing, --attention sliced, a lower --resolution or --optimizer adamw8bit")
+    args.batch_size = batch
+    print(f"--batch-size auto: {batch} (estimated peak {plan.peak / GIB:.1f} GiB of the {free / GIB:.1f} GiB free "
+          f"on the {name}, {total / GIB:.1f} GiB in all; the rest is left for the CUDA context and fragmentation)")
+    return None
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    """--plan: the estimated peak GPU memory of this run's step (see bench/memory.py); nothing is written."""
+    from bench.memory import estimate
+
+    _resolve_precision(args)
+    error = _resolve_batch_size(args)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(estimate(_planned_step(args, args.batch_size)).lines()))
+    return 0
+
+
+def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    """main's work once the output folder is locked for this run."""
+    L.seed_everything(args.seed, verbose=False)
+    _resolve_precision(args)
+    error = _resolve_batch_size(args)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     checkpoint = ResumableCheckpoint(Path(args.output_dir) / "checkpoints", args.checkpoint_every,
                                      args.keep_checkpoints, args.max_time)
     # Before the model: the precision Lightning really runs (16-mixed becomes bf16-mixed on CPU) decides

@@ -72,6 +72,10 @@ CACHED_CONTEXT = "context"
 CACHED_EMPTY_CONTEXT = "empty_context"
 # Storage dtypes of the locked parts (`locked_dtype`), by name so that they fit in hyper_parameters.
 LOCKED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The storage dtype of the locked parts under each mixed precision (Lightning's names; training.py
+# --half-locked). fp16 also for the VAE: under 16-mixed its convolutions already run in fp16 (autocast), so
+# fp16 weights add no overflow risk; a non-finite encoding stops the cache build or the step with a message.
+HALF_LOCKED_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 # The frozen encoders whose outputs a latent cache holds.
 FROZEN_ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")
 
@@ -331,7 +335,23 @@ class ControlNetTrainer(L.LightningModule):
                 "c_concat": [channels_first(batch["hint"], self.device)]}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        """batch: images or cached (see the module doc). The generator's draws, in this order: the VAE
+        """batch: images or cached (see the module doc). The loss of `batch_loss`, checked finite on every
+        rank and logged."""
+        loss, logs = self.batch_loss(batch, batch_idx)
+        batch_size = len(batch["txt"])
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} in training step {self.global_step + 1} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); stopped, keeping the weights of step {self.global_step}. Try a lower --lr, "
+                f"--precision 32 or bf16-mixed instead of 16-mixed, or check the data.")
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    def batch_loss(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The diffusion loss of one training batch and its logged parts, all that the step computes (the
+        memory planner, bench/memory.py, runs it alone). The generator's draws, in this order: the VAE
         posterior sample, prompt dropout, timesteps, noise."""
         generator = self.step_generator(batch_idx)
         with torch.no_grad():
@@ -342,16 +362,7 @@ class ControlNetTrainer(L.LightningModule):
         cond = self.conditioning(batch, prompts)
         t = torch.randint(0, self.model.num_timesteps, (batch_size,), generator=generator, device=self.device)
         noise = torch.randn(z0.shape, generator=generator, device=self.device, dtype=z0.dtype)
-        loss, logs = self.model.p_losses(z0, cond, t, noise=noise)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            raise NonFiniteLossError(
-                f"the loss is {loss.item()} in training step {self.global_step + 1} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); stopped, keeping the weights of step {self.global_step}. Try a lower --lr, "
-                f"--precision 32 or bf16-mixed instead of 16-mixed, or check the data.")
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
-        return loss
+        return self.model.p_losses(z0, cond, t, noise=noise)
 
     # ---- images for the log -------------------------------------------------------------------------
     @torch.no_grad()
