@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cldm.inference_loading import DEFAULT_CONFIG, load_base_and_control
 from cldm.model import load_config
 from common.cli import non_negative_int, positive_float, positive_int
-from dataset import ControlDataset, DatasetError
+from dataset import ControlDataset, DatasetError, read_control_record
 from ldm.checkpoint import CheckpointError
 from ldm.lazy_checkpoint import open_lazy
 from ldm.modules.attention import ATTENTION_KINDS
@@ -402,7 +402,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
         optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile, config=str(args.config),
         init=args.init,
-        init_control=args.init_control, data=str(args.data), resolution=args.resolution,
+        init_control=args.init_control, data=str(args.data), control=read_control_record(args.data),
+        resolution=args.resolution,
         batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
         cache_latents=args.cache_latents)
     if load_init and args.init_control is not None:
