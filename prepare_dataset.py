@@ -1,8 +1,10 @@
-"""Build a ControlNet training set from photos: Canny sources, BLIP prompts, prompt.json (the original's
-run_generation.py). The build itself is `dataset.build`, whose doc says what is written, in which order,
-under which names, and how runs resume and shard.
+"""Build a ControlNet training set from photos: control images (Canny edges by default; --control for the
+other types of annotator.controls), BLIP prompts, prompt.json (the original's run_generation.py). The build
+itself is `dataset.build`, whose doc says what is written, in which order, under which names, and how runs
+resume and shard.
 
-    python prepare_dataset.py --input PATH_OR_URL --output DIR [--caption-model PATH_OR_ID_OR_URL]
+    python prepare_dataset.py --input PATH_OR_URL --output DIR [--control NAME [--control-option K=V ...]]
+        [--caption-model PATH_OR_ID_OR_URL]
         [--captions-from-txt] [--resolution N] [--workers N] [--batch-size N] [--shard i/N]
 
 The input is a folder tree, a .tar/.tar.gz archive, or the URL of one. The output is the folder that
@@ -15,10 +17,12 @@ at i; shards may share one DIR.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from annotator.canny import CannyThresholds
+from annotator.controls import CONTROL_TYPES
 from common.cli import available_device
 from common.disk import FULL_DISK_ERRNOS, free_bytes, human_size
 from common.download import is_url
@@ -73,21 +77,42 @@ def _workers(text: str) -> int | None:
     return value
 
 
+def _control_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE read as JSON where it is JSON (2, 16.0, true), else as the text itself."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"--control-option wants KEY=VALUE, e.g. level=2, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dataset.build import IMAGES_PER_WORKER, BuildConfig
 
     defaults = BuildConfig(input="", output=Path())  # every default is BuildConfig's
     parser = argparse.ArgumentParser(
-        description="Build a ControlNet training set (target/, source/ Canny edges, prompt.json) from photos.",
+        description="Build a ControlNet training set (target/ photos, source/ control images, prompt.json) "
+                    "from photos.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="folder, .tar/.tar.gz archive, or URL of an archive")
     parser.add_argument("--output", required=True, type=Path, help="dataset folder to create or continue")
+    parser.add_argument("--control", choices=list(CONTROL_TYPES), default=defaults.control,
+                        help="the control image to make: " + "; ".join(
+                            f"{name}: {control.description}" for name, control in CONTROL_TYPES.items()))
+    parser.add_argument("--control-option", type=_control_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of --control (repeatable), e.g. level=2 for tile; canny uses --canny-*")
+    parser.add_argument("--annotator-model", default=None,
+                        help="depth/normal: a transformers depth-estimation model (hub id or folder; default "
+                             "Intel/dpt-hybrid-midas, e.g. depth-anything/Depth-Anything-V2-Small-hf)")
     parser.add_argument("--caption-model", default=defaults.caption_model,
                         help="BLIP checkpoint (.pth path or URL), transformers folder or hub id")
     parser.add_argument("--captions-from-txt", action="store_true",
                         help="use NAME.txt beside an image as its prompt where it exists (BLIP for the rest)")
-    parser.add_argument("--device", type=_device, default=None, help="captioning device (default: cuda if available)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="captioning and depth-model device (default: cuda if available)")
     parser.add_argument("--resolution", type=_positive, default=None,
                         help="scale the short side to N and centre-crop N x N (default: keep the size)")
     parser.add_argument("--workers", type=_workers, default=None,
@@ -131,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers, batch_size=args.batch_size, shard_index=args.shard[0], shard_count=args.shard[1],
         canny_low=args.canny_low, canny_high=args.canny_high, canny_random=args.canny_random, seed=args.seed,
         min_side=args.min_side, max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
+        control=args.control, control_options=dict(args.control_option), annotator_model=args.annotator_model,
     )
+    try:  # before the build records its settings in --output
+        config.control_type()
+    except BuildError as err:
+        parser.error(str(err))
     try:
         summary = build_dataset(config)
     except BuildError as err:

@@ -1,6 +1,8 @@
-"""One image file -> a (photo, Canny edge map) training pair on disk; the unit of work of a dataset build.
+"""One image file -> a (photo, control image) training pair on disk; the unit of work of a dataset build.
 
-Runs in worker processes, so it imports only light libraries and gets everything it needs as arguments.
+Weight-free control types (annotator.controls: canny, scribble, tile) are made here, in worker processes;
+model-based ones (annotator.depth) are computed in batches by the build, which then calls `write_pair`.
+The pair-making runs in worker processes, so it imports only light libraries and gets everything it needs as arguments.
 Files appear atomically (written to a scratch folder on the same disk, then renamed), so a killed
 build leaves either a complete file or none.
 """
@@ -11,12 +13,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from annotator.canny import CannyThresholds, canny, random_thresholds
+from annotator.controls import DEFAULT_CONTROL, get_control
 from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import SIZE_MULTIPLE, resize_and_crop
 
@@ -30,6 +34,8 @@ class PairSettings:
 
     resolution: None keeps the photo's size, N scales the short side to N and centre-crops N x N.
     thresholds: fixed Canny thresholds, or None for random ones per image drawn from (random_seed, key).
+    control: the control type (annotator.controls); options: its settings (None: its defaults). For
+        "canny", `thresholds` and `random_seed` are used and `options` is ignored.
     min_side: photos whose shorter side is below this are skipped (64: one latent pixel per UNet level).
     max_pixels: photos with more pixels are skipped before decoding (decompression-bomb guard).
     """
@@ -40,6 +46,8 @@ class PairSettings:
     min_side: int = SIZE_MULTIPLE
     max_pixels: int | None = Image.MAX_IMAGE_PIXELS
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    control: str = DEFAULT_CONTROL
+    options: Any = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,9 @@ def pair_photo(image_path: Path, settings: PairSettings) -> np.ndarray:
     return _decode_for_pair(image_path, settings)[0]
 
 
-def make_canny_pair(job: PairJob, settings: PairSettings) -> Skip | None:
-    """Write the target photo (JPEG, RGB) and its Canny edge map (PNG, grey, same size, 255 = edge).
+def make_pair(job: PairJob, settings: PairSettings) -> Skip | None:
+    """Write the target photo (JPEG, RGB) and its control image (PNG, same size; for Canny grey, 255 =
+    edge) for a weight-free control type.
 
     Returns None on success, or why the image was skipped (unreadable, too small, too large).
     Errors writing the outputs are not bad input and propagate.
@@ -97,9 +106,31 @@ def make_canny_pair(job: PairJob, settings: PairSettings) -> Skip | None:
         pixels, copy_file = _decode_for_pair(job.image_path, settings)
     except UnreadableImageError as err:
         return Skip(str(err), err.transient)
-    thresholds = settings.thresholds or random_thresholds(settings.random_seed, job.key)
-    edges = canny(pixels, thresholds)
+    if settings.control == DEFAULT_CONTROL:
+        thresholds = settings.thresholds or random_thresholds(settings.random_seed, job.key)
+        control_image = canny(pixels, thresholds)
+    else:
+        control = get_control(settings.control)
+        if control.model_based:
+            raise ValueError(f"control {control.name!r} is model-based: the build computes it in batches")
+        control_image = control.annotate(pixels, settings.options or control.settings_from(), job.key)
+    write_pair(job, pixels, copy_file, control_image, settings)
+    return None
 
+
+def prepare_photo(job: PairJob, settings: PairSettings) -> tuple[np.ndarray, bool] | Skip:
+    """The photo of a job as its pair holds it and whether the file can be copied as the target, or why
+    it is skipped: the first half of a model-based pair (the build annotates photos in batches)."""
+    try:
+        return _decode_for_pair(job.image_path, settings)
+    except UnreadableImageError as err:
+        return Skip(str(err), err.transient)
+
+
+def write_pair(job: PairJob, pixels: np.ndarray, copy_file: bool, control_image: np.ndarray,
+               settings: PairSettings) -> None:
+    """Write the target (JPEG; the file's own bytes when copy_file) and the control image (PNG), each
+    through the scratch folder and renamed into place."""
     job.scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch_target = job.scratch_dir / job.target_path.name
     scratch_source = job.scratch_dir / job.source_path.name
@@ -107,7 +138,9 @@ def make_canny_pair(job: PairJob, settings: PairSettings) -> Skip | None:
         shutil.copyfile(job.image_path, scratch_target)
     else:
         Image.fromarray(pixels).save(scratch_target, format="JPEG", quality=settings.jpeg_quality)
-    Image.fromarray(np.ascontiguousarray(edges)).save(scratch_source, format="PNG")
+    Image.fromarray(np.ascontiguousarray(control_image)).save(scratch_source, format="PNG")
     os.replace(scratch_target, job.target_path)
     os.replace(scratch_source, job.source_path)
-    return None
+
+
+make_canny_pair = make_pair  # its name from when Canny was the only control type

@@ -2,6 +2,7 @@
 (`dataset.control_dataset`). `from dataset import ControlDataset` is the public entry point."""
 
 from dataset.control_dataset import (
+    CONTROL_FILE,
     ENTRY_KEYS,
     HINT_RANGE,
     PROMPT_FILE,
@@ -13,11 +14,13 @@ from dataset.control_dataset import (
     ControlDataset,
     DatasetError,
     PromptEntry,
+    read_control_record,
     read_prompt_file,
     resolve_inside,
 )
 
 __all__ = [
-    "ENTRY_KEYS", "HINT_RANGE", "PROMPT_FILE", "SOURCE_DIR", "SOURCE_SUFFIX", "TARGET_DIR", "TARGET_RANGE",
-    "TARGET_SUFFIX", "ControlDataset", "DatasetError", "PromptEntry", "read_prompt_file", "resolve_inside",
+    "CONTROL_FILE", "ENTRY_KEYS", "HINT_RANGE", "PROMPT_FILE", "SOURCE_DIR", "SOURCE_SUFFIX", "TARGET_DIR",
+    "TARGET_RANGE", "TARGET_SUFFIX", "ControlDataset", "DatasetError", "PromptEntry", "read_control_record",
+    "read_prompt_file", "resolve_inside",
 ]

@@ -33,6 +33,9 @@ from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import resize_and_crop
 
 PROMPT_FILE = "prompt.json"
+# How the control images were made: {"name", "settings", "model"} (annotator.controls); a dataset without
+# it was made before other types existed and holds Canny edges.
+CONTROL_FILE = "control.json"
 SOURCE_DIR = "source"
 TARGET_DIR = "target"
 SOURCE_SUFFIX = ".png"
@@ -44,6 +47,20 @@ UINT8_MAX = 255.0
 # Missing files are listed up to this many in the error, then counted.
 MAX_LISTED_MISSING = 20
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_control_record(root: str | Path) -> dict | None:
+    """The dataset's control record (CONTROL_FILE), or None when it has none (a Canny dataset)."""
+    path = Path(root) / CONTROL_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} is not readable JSON: {err}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise DatasetError(f"{path} holds no control record ({{\"name\": ..., \"settings\": ...}})")
+    return record
 
 
 class DatasetError(ValueError):

@@ -3,17 +3,21 @@ prompt.json and skipped.jsonl rebuilt from the journals at the start, every minu
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from annotator.pairs import PairJob
-from dataset import PROMPT_FILE, SOURCE_DIR, TARGET_DIR, PromptEntry
+from annotator.controls import ControlSettingsError, get_control
+from annotator.pairs import PairJob, PairSettings, Skip, prepare_photo, write_pair
+from common.files import atomic_write_text
+from dataset import CONTROL_FILE, PROMPT_FILE, SOURCE_DIR, TARGET_DIR, PromptEntry
 from dataset.build.captions import CaptionFunction, CaptionQueue
 from dataset.build.config import BUILD_DIR, SKIPPED_FILE, BuildConfig, BuildError
 from dataset.build.inputs import fetch_input, scan_input
@@ -51,6 +55,40 @@ class BuildSummary:
         return "\n".join(lines)
 
 
+def make_model_pairs(jobs: list[PairJob], settings: PairSettings, config: BuildConfig
+                     ) -> Iterator[tuple[PairJob, Skip | None]]:
+    """(job, skip or None) for every job, in order, for a model-based control type: photos decoded and
+    annotated config.batch_size at a time on config.device (the model loads at the first batch)."""
+    from annotator.depth import load_annotator  # transformers: only for the model-based types
+
+    control = get_control(settings.control)
+    annotate = None
+    for start in range(0, len(jobs), config.batch_size):
+        batch = jobs[start:start + config.batch_size]
+        prepared = [prepare_photo(job, settings) for job in batch]
+        ready = [(job, photo) for job, photo in zip(batch, prepared, strict=True) if not isinstance(photo, Skip)]
+        if ready and annotate is None:
+            try:
+                annotate = load_annotator(control, settings.options, config.annotator_model, _device(config))
+            except ControlSettingsError as err:
+                raise BuildError(str(err)) from err
+        images = iter(annotate([photo[0] for _, photo in ready]) if ready else [])
+        for job, photo in zip(batch, prepared, strict=True):
+            if isinstance(photo, Skip):
+                yield job, photo
+            else:
+                write_pair(job, photo[0], photo[1], next(images), settings)
+                yield job, None
+
+
+def _device(config: BuildConfig) -> str:
+    if config.device is not None:
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _output_inside_input(output: Path, input_root: Path) -> Path | None:
     """The output folder when it lies inside the input tree (its files must not be read back as photos);
     an input inside the output is refused, except the build's own extraction of an archive."""
@@ -74,7 +112,9 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
     build_dir = output / BUILD_DIR
     for folder in (output / SOURCE_DIR, output / TARGET_DIR, build_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    control = config.control_type()  # bad control settings: refused before anything is recorded
     check_settings(build_dir, config.output_settings())
+    atomic_write_text(output / CONTROL_FILE, json.dumps(config.control_record(), indent=2) + "\n")
     input_root = fetch_input(config.input, build_dir)
     scan = scan_input(input_root, exclude=_output_inside_input(output, input_root))
     for folder in scan.excluded:
@@ -110,10 +150,15 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
         captions = CaptionQueue(config, caption_images, recorder, names, total=len(todo))
         for job in ready:
             captions.add(job)
+        settings = config.pair_settings()
+        if control.model_based:
+            pairs = make_model_pairs(jobs, settings, config)
+        else:
+            workers = auto_workers(len(jobs)) if config.workers is None else config.workers
+            pairs = make_pairs(jobs, settings, workers)
         # closing(): stops the worker pool at once if captioning fails or the run is interrupted.
-        workers = auto_workers(len(jobs)) if config.workers is None else config.workers
-        with closing(make_pairs(jobs, config.pair_settings(), workers)) as pairs:
-            for job, skip in tqdm(pairs, total=len(jobs), desc="canny", unit=" images", position=0):
+        with closing(pairs):
+            for job, skip in tqdm(pairs, total=len(jobs), desc=control.name, unit=" images", position=0):
                 if skip is None:
                     captions.add(job)
                 else:

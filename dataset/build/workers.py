@@ -1,7 +1,7 @@
-"""The Canny stage in a pool of worker processes.
+"""The weight-free control stage (Canny, scribble, tile) in a pool of worker processes.
 
 The workers are spawned: each re-runs the main script's top-level imports, then unpickles
-annotator.pairs.make_canny_pair. Both must stay free of torch (over a second and ~200 MB per worker that
+annotator.pairs.make_pair. Both must stay free of torch (over a second and ~200 MB per worker that
 they never use): the work sent to them comes from annotator, never from this package (whose `dataset`
 parent brings torch), and a script that calls make_pairs imports the build inside its functions, as
 prepare_dataset.py and bench/canny_workers.py do.
@@ -14,7 +14,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 
-from annotator.pairs import PairJob, PairSettings, init_pair_worker, make_canny_pair
+from annotator.pairs import PairJob, PairSettings, init_pair_worker, make_pair
 
 # --workers auto: one Canny worker per this many images, up to the CPU count. A spawned worker costs about
 # 3.5 CPU-seconds to start (bench/canny_workers.py) while one process makes ~170 pairs/s, so a worker pays
@@ -31,7 +31,7 @@ def auto_workers(image_count: int, cpu_count: int | None = None) -> int:
 
 def make_pairs(jobs: list[PairJob], settings: PairSettings, workers: int) -> Iterator[tuple[PairJob, str | None]]:
     """(job, skip reason or None) for every job, in order; in `workers` processes when workers > 1."""
-    work = functools.partial(make_canny_pair, settings=settings)
+    work = functools.partial(make_pair, settings=settings)
     if workers <= 1 or len(jobs) <= 1:
         yield from ((job, work(job)) for job in jobs)
         return

@@ -1,0 +1,220 @@
+"""The control types a dataset can be built for: name -> settings (a frozen dataclass with defaults), the
+function that turns a photo into its control image, and the metric that scores a generated image against it.
+
+    control = get_control("tile")
+    settings = control.settings_from({"level": 2})        # checked: unknown keys and bad values are refused
+    image = control.annotate(photo, settings, key="a/x.jpg")   # RGB uint8 (H, W, 3) -> uint8 (H, W) or (H, W, 3)
+
+Random choices (Canny's random thresholds, a scribble's stroke width, tile's noise) are drawn from
+(settings.seed, key), `key` naming the photo, so a resumed or sharded build makes the same control image
+whatever order the photos come in. The weight-free types import only numpy and OpenCV (they run in the
+dataset build's worker processes); the model-based ones (`annotator.depth`) load transformers models and run
+in the main process, in batches on the annotator's device.
+
+The types follow ControlNet 1.1's preparation (docs/control_types.md has the facts and sources):
+- canny: OpenCV Canny, fixed thresholds or random ones per photo (1.1 trained with random thresholds).
+- scribble: thick, simplified strokes: the edges of a blurred copy, dilated by a random width of 1 to 24 px
+  at 512 px (1.1's synthesized scribbles span that range).
+- tile: the photo blurred and downsampled: `level` rounds of Gaussian noise and pyrDown, then pyrUp back
+  with noise again (1.1's DownSampleDetector), so the ControlNet learns to add the detail.
+- depth / normal: see annotator.depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds, canny, random_thresholds
+
+DEFAULT_CONTROL = "canny"
+# Scribble widths are given at this short side and scaled with the photo.
+SCRIBBLE_REFERENCE_SIDE = 512
+
+
+class ControlSettingsError(ValueError):
+    """Settings a control type cannot use; the message names the type, the key and what is accepted."""
+
+
+def key_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, key): the same draws for a photo in any run or shard."""
+    digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+# ---- settings ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CannySettings:
+    low: int = DEFAULT_LOW_THRESHOLD
+    high: int = DEFAULT_HIGH_THRESHOLD
+    random: bool = False  # random thresholds per photo, from (seed, key)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        CannyThresholds(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class ScribbleSettings:
+    min_width: int = 1  # stroke width range in pixels at a 512 px short side
+    max_width: int = 24
+    blur: float = 3.0  # Gaussian sigma (at 512 px) before the edges: fewer, longer strokes
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_width <= self.max_width:
+            raise ValueError(f"needs 1 <= min_width <= max_width, got {self.min_width} and {self.max_width}")
+        if not self.blur >= 0:
+            raise ValueError(f"blur must be 0 or more, got {self.blur}")
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    level: int = 3  # pyrDown rounds: each halves the resolution
+    noise: float = 16.0  # Gaussian noise sigma (uint8 scale) added at each round
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.level <= 6:
+            raise ValueError(f"level must be from 1 to 6, got {self.level}")
+        if not self.noise >= 0:
+            raise ValueError(f"noise must be 0 or more, got {self.noise}")
+
+
+# ---- weight-free annotators -------------------------------------------------------------------------------
+def canny_control(photo: np.ndarray, settings: CannySettings, key: str) -> np.ndarray:
+    thresholds = random_thresholds(settings.seed, key) if settings.random else CannyThresholds(settings.low,
+                                                                                                settings.high)
+    return canny(photo, thresholds)
+
+
+def scribble_control(photo: np.ndarray, settings: ScribbleSettings, key: str) -> np.ndarray:
+    """White strokes on black, HW uint8 in {0, 255}."""
+    rng = key_rng(settings.seed, key)
+    scale = min(photo.shape[:2]) / SCRIBBLE_REFERENCE_SIDE
+    grey = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    if settings.blur > 0:
+        grey = cv2.GaussianBlur(grey, (0, 0), max(settings.blur * scale, 0.5))
+    edges = cv2.Canny(grey, DEFAULT_LOW_THRESHOLD // 2, DEFAULT_HIGH_THRESHOLD // 2)
+    width = int(rng.integers(settings.min_width, settings.max_width, endpoint=True))
+    width = max(1, round(width * scale))
+    if width == 1:
+        return edges
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))
+    return cv2.dilate(edges, kernel)
+
+
+def tile_control(photo: np.ndarray, settings: TileSettings, key: str) -> np.ndarray:
+    """The photo degraded: HWC uint8, its size."""
+    rng = key_rng(settings.seed, key)
+    height, width = photo.shape[:2]
+    image = photo.astype(np.float32)
+    for _ in range(settings.level):
+        image += rng.normal(0.0, settings.noise, image.shape).astype(np.float32)
+        image = cv2.pyrDown(image)
+    for _ in range(settings.level):
+        image = cv2.pyrUp(image)
+        image += rng.normal(0.0, settings.noise, image.shape).astype(np.float32)
+    if image.shape[:2] != (height, width):  # odd sizes do not come back exactly
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# ---- the registry -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlType:
+    """One kind of control image.
+
+    annotate: (photo RGB uint8 HWC, settings, key) -> control uint8 HW or HWC, for the weight-free types;
+        model-based ones have none here and are built by `load_annotator` (annotator.depth).
+    metric: what evaluate.py scores a generated image with against the control image.
+    model: the default annotator model (a transformers hub id or folder) of a model-based type.
+    """
+
+    name: str
+    settings_type: type
+    description: str
+    metric: str
+    annotate: Callable[[np.ndarray, Any, str], np.ndarray] | None = None
+    model: str | None = None
+
+    @property
+    def model_based(self) -> bool:
+        return self.annotate is None
+
+    def settings_from(self, values: Mapping[str, Any] | None = None) -> Any:
+        """The settings dataclass from plain values (a record or the command line); unknown keys and
+        values the type cannot use raise ControlSettingsError naming them."""
+        values = dict(values or {})
+        fields = {field.name: field for field in dataclasses.fields(self.settings_type)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ControlSettingsError(f"control {self.name!r} has no setting {', '.join(unknown)} (it has: "
+                                       f"{', '.join(fields) or 'none'})")
+        try:
+            return self.settings_type(**values)
+        except (TypeError, ValueError) as err:
+            raise ControlSettingsError(f"control {self.name!r}: {err}") from err
+
+    def record(self, settings: Any, model: str | None = None) -> dict[str, Any]:
+        """What a dataset and a checkpoint keep of how their control images were made (plain JSON)."""
+        return {"name": self.name, "settings": dataclasses.asdict(settings), "model": model}
+
+
+def _model_type(name: str, settings_type: type, description: str, metric: str, model: str) -> ControlType:
+    return ControlType(name, settings_type, description, metric, None, model)
+
+
+@dataclass(frozen=True)
+class DepthSettings:
+    """No choices: the depth model's own image processor sets the size it sees."""
+
+
+@dataclass(frozen=True)
+class NormalSettings:
+    background: float = 0.1  # ControlNet 1.0's bg_th: normalised depth below it is flat background
+    strength: float = float(np.pi * 2.0)  # ControlNet 1.0's `a`: the z component against the depth slopes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.background < 1:
+            raise ValueError(f"background must be in [0, 1), got {self.background}")
+        if not self.strength > 0:
+            raise ValueError(f"strength must be above 0, got {self.strength}")
+
+
+CONTROL_TYPES: dict[str, ControlType] = {
+    control.name: control for control in (
+        ControlType("canny", CannySettings, "Canny edges (white on black)", "canny-f1", canny_control),
+        ControlType("scribble", ScribbleSettings, "thick simplified strokes (white on black)", "scribble-f1",
+                    scribble_control),
+        ControlType("tile", TileSettings, "the photo blurred and downsampled", "ssim", tile_control),
+        _model_type("depth", DepthSettings, "relative depth, near is bright (a transformers depth model)",
+                    "depth-rmse", "Intel/dpt-hybrid-midas"),
+        _model_type("normal", NormalSettings, "surface normals derived from depth, as ControlNet 1.0 made them",
+                    "normal-angle", "Intel/dpt-hybrid-midas"),
+    )
+}
+
+
+def get_control(name: str) -> ControlType:
+    """The control type `name`; ControlSettingsError naming the known ones otherwise."""
+    try:
+        return CONTROL_TYPES[name]
+    except KeyError:
+        raise ControlSettingsError(f"unknown control type {name!r} (known: {', '.join(CONTROL_TYPES)})") from None
+
+
+def control_from_record(record: Mapping[str, Any] | None) -> tuple[ControlType, Any, str | None]:
+    """(type, settings, model) from a dataset's or a checkpoint's control record; None (made before
+    records existed) is Canny with its defaults."""
+    if record is None:
+        control = get_control(DEFAULT_CONTROL)
+        return control, control.settings_from(), None
+    control = get_control(record["name"])
+    return control, control.settings_from(record.get("settings")), record.get("model")
