@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 
 from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds
+from annotator.controls import DEFAULT_CONTROL, parse_control_record
 from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import SIZE_MULTIPLE
-from cldm.hint import control_from_map, control_from_photo, hint_tensor
-from cldm.inference_loading import load_for_inference
+from cldm.hint import control_from_map, control_from_photo, control_from_record, hint_tensor
+from cldm.inference_loading import control_record_of, load_for_inference
 from cldm.sampling import control_scales, sample_images
 from common.cli import available_device, non_negative_float, positive_int
 from ldm.checkpoint import CheckpointError
@@ -148,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "control (use with an empty prompt)")
     parser.add_argument("--eta", type=non_negative_float, default=ETA, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=RANDOM_SEED, help="-1 = random")
-    parser.add_argument("--low-threshold", type=int, default=DEFAULT_LOW_THRESHOLD, help="Canny, with --image")
-    parser.add_argument("--high-threshold", type=int, default=DEFAULT_HIGH_THRESHOLD, help="Canny, with --image")
+    parser.add_argument("--low-threshold", type=int, default=None,
+                        help=f"Canny, with --image (default: the training data's, else {DEFAULT_LOW_THRESHOLD})")
+    parser.add_argument("--high-threshold", type=int, default=None,
+                        help=f"Canny, with --image (default: the training data's, else {DEFAULT_HIGH_THRESHOLD})")
     parser.add_argument("--output", default="outputs", help="folder for the PNGs")
     parser.add_argument("--device", type=_device, default="auto",
                         help="auto (cuda if available), cpu, cuda, cuda:1, mps")
@@ -164,7 +167,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      f"got {args.resolution}")
     if args.image:
         try:
-            CannyThresholds(args.low_threshold, args.high_threshold)
+            CannyThresholds(_given(args.low_threshold, DEFAULT_LOW_THRESHOLD),
+                            _given(args.high_threshold, DEFAULT_HIGH_THRESHOLD))
         except ValueError as err:
             parser.error(str(err))
     # Before the model loads and samples: a folder that cannot be made would lose them all.
@@ -176,6 +180,26 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             break
 
 
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def control_for_photo(parser: argparse.ArgumentParser, args: argparse.Namespace, photo: np.ndarray) -> np.ndarray:
+    """--image's control image, made as the checkpoint's training data were (its control record: type,
+    settings, annotator model); Canny 100/200 for checkpoints from before records, or --low/--high-threshold."""
+    control, settings, model = parse_control_record(control_record_of(args.ckpt))
+    thresholds_given = args.low_threshold is not None or args.high_threshold is not None
+    if control.name != DEFAULT_CONTROL:
+        if thresholds_given:
+            parser.error(f"--low-threshold/--high-threshold are Canny's; {args.ckpt} was trained on {control.name} "
+                         f"control images")
+        print(f"control: {control.name} ({control.description}), as the checkpoint's training data")
+        return control_from_record(photo, args.resolution, control, settings, model, args.device)
+    trained = CannyThresholds() if settings.random else CannyThresholds(settings.low, settings.high)
+    thresholds = CannyThresholds(_given(args.low_threshold, trained.low), _given(args.high_threshold, trained.high))
+    return control_from_photo(photo, args.resolution, thresholds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -184,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.image or args.hint
         pixels = read_image_rgb(source).pixels
         if args.image:
-            control = control_from_photo(pixels, args.resolution,
-                                         CannyThresholds(args.low_threshold, args.high_threshold))
+            control = control_for_photo(parser, args, pixels)
         else:
             control = control_from_map(pixels, args.resolution)
         model, lines = load_for_inference(args.ckpt, args.config, args.sd_ckpt)

@@ -210,7 +210,7 @@ def get_control(name: str) -> ControlType:
         raise ControlSettingsError(f"unknown control type {name!r} (known: {', '.join(CONTROL_TYPES)})") from None
 
 
-def control_from_record(record: Mapping[str, Any] | None) -> tuple[ControlType, Any, str | None]:
+def parse_control_record(record: Mapping[str, Any] | None) -> tuple[ControlType, Any, str | None]:
     """(type, settings, model) from a dataset's or a checkpoint's control record; None (made before
     records existed) is Canny with its defaults."""
     if record is None:

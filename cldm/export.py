@@ -94,7 +94,10 @@ class ExportSource:
         facts = {"format": "pt", "source": self.path.name, "model_config": json.dumps(self.model_config),
                  "base": hp.get("init"), "data": hp.get("data"), "resolution": hp.get("resolution"),
                  "steps": self.global_step, "sd_locked": self.sd_locked,
-                 "hint_channels": self.model_config["params"]["control_stage_config"]["params"]["hint_channels"]}
+                 "hint_channels": self.model_config["params"]["control_stage_config"]["params"]["hint_channels"],
+                 # The control type (annotator.controls); a run from before the records trained on Canny.
+                 "condition": (hp.get("control") or {}).get("name", "canny") if hp else None,
+                 "control": hp.get("control")}
         if hp:
             facts["hyper_parameters"] = json.dumps(hp, default=str)
         return {key: value if isinstance(value, str) else json.dumps(value) for key, value in facts.items()

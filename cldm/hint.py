@@ -1,4 +1,5 @@
-"""Control images for inference: from a photo (Canny edges) or from a ready edge map.
+"""Control images for inference: from a photo (Canny edges, or the control type a checkpoint was trained
+on, annotator.controls) or from a ready control image.
 
 A control image is HWC uint8 RGB with both sides multiples of 64 (what the SD UNet needs after the VAE's
 /8); the model takes it as `hint_tensor(...)`: (B, 3, H, W) float in [0, 1], the original apps' scaling.
@@ -6,11 +7,16 @@ A control image is HWC uint8 RGB with both sides multiples of 64 (what the SD UN
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from annotator.canny import CannyThresholds, canny
+from annotator.controls import ControlType
 from annotator.util import HWC3, SIZE_MULTIPLE, resize_image
+
+INFERENCE_KEY = "inference"
 
 
 def control_from_photo(photo: np.ndarray, resolution: int, thresholds: CannyThresholds | None = None
@@ -20,6 +26,19 @@ def control_from_photo(photo: np.ndarray, resolution: int, thresholds: CannyThre
     (white edges on black)."""
     image = resize_image(HWC3(photo), resolution)
     return HWC3(canny(image, thresholds or CannyThresholds()))
+
+
+def control_from_record(photo: np.ndarray, resolution: int, control: ControlType, settings: Any,
+                        model: str | None = None, device: str = "cpu") -> np.ndarray:
+    """The control image of `photo` made as the training data's were (the checkpoint's control record):
+    resized like control_from_photo, then annotated. Random settings (Canny's random thresholds, a scribble
+    width, tile noise) draw from the fixed key "inference". Returns HWC uint8."""
+    image = resize_image(HWC3(photo), resolution)
+    if control.model_based:
+        from annotator.depth import load_annotator  # transformers: only for the model-based types
+
+        return HWC3(load_annotator(control, settings, model, device)([image])[0])
+    return HWC3(control.annotate(image, settings, INFERENCE_KEY))
 
 
 def control_from_map(edge_map: np.ndarray, resolution: int) -> np.ndarray:

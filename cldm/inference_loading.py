@@ -187,6 +187,31 @@ def load_base_and_control(model: nn.Module, model_config: Mapping[str, Any], sd_
     return lines
 
 
+def control_record_of(ckpt_path: str | os.PathLike) -> dict | None:
+    """How the control images of a checkpoint's training data were made (annotator.controls' record:
+    name, settings, model), from a training checkpoint's hyper_parameters or a tool_export.py control file's
+    metadata; None when the file does not say (then the control is Canny, as before records existed)."""
+    if Path(ckpt_path).is_dir():
+        return None
+    with open_lazy(ckpt_path) as checkpoint:
+        metadata = checkpoint.metadata
+    record = metadata.get("control")
+    if record is None:
+        hyper_parameters = metadata.get("hyper_parameters")
+        if isinstance(hyper_parameters, str):
+            try:
+                hyper_parameters = json.loads(hyper_parameters)
+            except ValueError:
+                hyper_parameters = None
+        record = hyper_parameters.get("control") if isinstance(hyper_parameters, Mapping) else None
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except ValueError:
+            return None
+    return record if isinstance(record, Mapping) and isinstance(record.get("name"), str) else None
+
+
 def load_for_inference(ckpt_path: str | os.PathLike, config_path: str | os.PathLike | None = None,
                        sd_ckpt_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, list[str]]:
     """A ControlLDM with the checkpoint's weights, on CPU in fp32 and in eval mode, plus report lines.

@@ -1,0 +1,203 @@
+"""Control types beyond Canny (annotator.controls, annotator.depth): the registry refuses unknown types and
+settings by name; each annotator is a fixed function of (photo, settings, key); the depth and normal ones run
+a transformers depth model (a tiny random DPT saved with save_pretrained, the real format) in batches; and
+for every type a dataset built with prepare_dataset.py --control trains two steps and inference.py --image
+makes its control image with the annotator the checkpoint records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import inference
+import prepare_dataset
+import training
+from annotator import read_image_rgb
+from annotator.controls import (
+    CONTROL_TYPES,
+    ControlSettingsError,
+    NormalSettings,
+    get_control,
+    parse_control_record,
+)
+from annotator.depth import load_annotator, normal_image
+from cldm.hint import control_from_record
+from cldm.inference_loading import control_record_of
+from dataset import CONTROL_FILE, ControlDataset, read_control_record
+from tests.image_cases import photo
+from tests.training_helpers import IMAGE_SIZE, train_args
+
+PHOTOS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory) -> Path:
+    """A randomly initialised DPT depth model and its image processor, as save_pretrained writes them."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-dpt")
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=IMAGE_SIZE, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                       neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_segmentation_model(tmp_path_factory) -> Path:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    folder = tmp_path_factory.mktemp("tiny-segformer")
+    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                             num_attention_heads=[1, 1], decoder_hidden_size=16, num_labels=3)
+    SegformerForSemanticSegmentation(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for index in range(PHOTOS):
+        Image.fromarray(photo(80, IMAGE_SIZE, seed=index)).save(folder / f"p{index}.jpg", quality=95)
+        (folder / f"p{index}.txt").write_text(f"photo {index}\n", encoding="utf-8")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+def test_unknown_types_and_settings_are_refused_by_name():
+    with pytest.raises(ControlSettingsError, match=r"unknown control type 'bogus' \(known: canny, scribble, tile"):
+        get_control("bogus")
+    with pytest.raises(ControlSettingsError, match="control 'tile' has no setting lvl"):
+        get_control("tile").settings_from({"lvl": 2})
+    with pytest.raises(ControlSettingsError, match="control 'tile': level must be from 1 to 6, got 9"):
+        get_control("tile").settings_from({"level": 9})
+    with pytest.raises(ControlSettingsError, match="min_width <= max_width"):
+        get_control("scribble").settings_from({"min_width": 30})
+
+
+def test_a_record_round_trips_and_no_record_is_canny():
+    control = get_control("tile")
+    record = control.record(control.settings_from({"level": 2}))
+    assert parse_control_record(json.loads(json.dumps(record)))[:2] == (control, control.settings_from({"level": 2}))
+    canny, settings, model = parse_control_record(None)
+    assert canny.name == "canny" and (settings.low, settings.high, settings.random) == (100, 200, False)
+
+
+@pytest.mark.parametrize("name", [name for name, control in CONTROL_TYPES.items() if not control.model_based])
+def test_weight_free_annotators_are_fixed_functions_of_photo_settings_and_key(name):
+    control = get_control(name)
+    image = photo(96, 80, seed=3)
+    settings = control.settings_from()
+    first = control.annotate(image, settings, "a.jpg")
+    assert first.dtype == np.uint8 and first.shape[:2] == image.shape[:2]
+    assert np.array_equal(first, control.annotate(image, settings, "a.jpg"))
+
+
+def test_scribble_strokes_are_thicker_than_edges_and_vary_by_photo():
+    control = get_control("scribble")
+    image = photo(256, 256, seed=4)
+    widths = set()
+    for key in ("a", "b", "c", "d"):
+        strokes = control.annotate(image, control.settings_from(), key)
+        assert set(np.unique(strokes)) <= {0, 255}
+        widths.add(int((strokes > 0).sum()))
+    assert len(widths) > 1  # the stroke width is drawn per photo
+
+
+def test_tile_is_a_blurred_copy_of_the_photo():
+    control = get_control("tile")
+    image = np.asarray(Image.fromarray(photo(128, 128, seed=5)).resize((128, 128)))
+    tile = control.annotate(image, control.settings_from({"noise": 0.0}), "k").astype(np.float64)
+    assert np.abs(tile.mean() - image.mean()) < 3  # the same picture ...
+    assert np.abs(np.diff(tile, axis=1)).mean() < 0.5 * np.abs(np.diff(image.astype(np.float64), axis=1)).mean()
+
+
+# ------------------------------------------------------------------------------------------ depth models
+
+
+def test_depth_and_normal_run_a_transformers_depth_model_in_batches(tiny_depth_model):
+    photos_ = [photo(96, 64, seed=1), photo(64, 80, seed=2)]
+    depth = load_annotator(get_control("depth"), get_control("depth").settings_from(), str(tiny_depth_model))(photos_)
+    assert [d.shape for d in depth] == [(64, 96), (80, 64)] and all(d.dtype == np.uint8 for d in depth)
+    assert all(d.min() == 0 and d.max() == 255 for d in depth)  # each scaled between its own extremes
+    normal = load_annotator(get_control("normal"), NormalSettings(), str(tiny_depth_model))(photos_)
+    assert [n.shape for n in normal] == [(64, 96, 3), (80, 64, 3)]
+
+
+def test_normals_follow_controlnet_1_0s_formula():
+    depth = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float32), (16, 1))  # a slope along x
+    image = normal_image(depth, NormalSettings(background=0.0))
+    # Stored as the model was fed (channels reversed): z first, then y, then x.
+    z, y, x = (image[8, 16].astype(np.float64) - 127.5) / 127.5
+    slope = 8 * (1.0 / 31)  # Sobel's 3x3 x-derivative of a unit-spaced ramp
+    assert abs(y) < 0.01 and x > 0 and z > 0
+    assert abs(x / z - slope / (np.pi * 2.0)) < 0.01
+
+
+def test_a_segmentation_model_given_as_depth_is_refused(tiny_segmentation_model):
+    with pytest.raises(ControlSettingsError, match="is not a depth-estimation model .*Segformer"):
+        load_annotator(get_control("depth"), get_control("depth").settings_from(), str(tiny_segmentation_model))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def build(photos: Path, output: Path, *options: str) -> int:
+    return prepare_dataset.main(["--input", str(photos), "--output", str(output), "--captions-from-txt",
+                                 "--workers", "0", "--resolution", str(IMAGE_SIZE), *options])
+
+
+def control_options(name: str, model: Path) -> list[str]:
+    options = ["--control", name]
+    if get_control(name).model_based:
+        options += ["--annotator-model", str(model), "--device", "cpu"]
+    if name == "tile":
+        options += ["--control-option", "level=2"]
+    return options
+
+
+@pytest.mark.parametrize("name", list(CONTROL_TYPES))
+def test_each_type_builds_trains_and_infers_with_its_recorded_annotator(name, photos, tiny_depth_model, init_path,
+                                                                        tmp_path, capsys):
+    data = tmp_path / "data"
+    assert build(photos, data, *control_options(name, tiny_depth_model)) == 0
+    record = read_control_record(data)
+    assert record["name"] == name
+    assert json.loads((data / CONTROL_FILE).read_text())["model"] == (
+        str(tiny_depth_model) if get_control(name).model_based else None)
+    assert len(ControlDataset(data, resolution=IMAGE_SIZE)) == PHOTOS
+
+    run = tmp_path / "run"
+    assert training.main(train_args(init_path, data, run, "--batch-size", "2", "--max-steps", "2")) == 0
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert control_record_of(checkpoint) == record
+
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    assert inference.main(["--ckpt", str(checkpoint), "--image", str(photos / "p0.jpg"), "--resolution",
+                           str(IMAGE_SIZE), "--steps", "1", "--output", str(out), "--device", "cpu",
+                           "--seed", "1"]) == 0
+    made = np.asarray(Image.open(out / "seed1_control.png"))
+    control, settings, model = parse_control_record(record)
+    pixels = read_image_rgb(photos / "p0.jpg").pixels
+    assert np.array_equal(made, control_from_record(pixels, IMAGE_SIZE, control, settings, model))
+    if name != "canny":
+        assert f"control: {name}" in capsys.readouterr().out
+
+
+def test_bad_control_options_are_refused_before_anything_is_written(photos, tmp_path, capsys):
+    for options, message in ((["--control", "tile", "--control-option", "lvl=2"], "has no setting lvl"),
+                             (["--control", "tile", "--annotator-model", "x"], "uses no model"),
+                             (["--control-option", "level=2"], "canny takes --canny-low")):
+        with pytest.raises(SystemExit) as exit_info:
+            build(photos, tmp_path / "data", *options)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "data").exists()
