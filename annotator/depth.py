@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from annotator.controls import ControlSettingsError, ControlType, NormalSettings
+from common.torch_quirks import settle_device_constructors
 
 # A list of RGB uint8 photos -> their control images, in order.
 BatchAnnotator = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -34,6 +35,7 @@ def load_depth_model(model: str, device: str = "cpu") -> tuple[Any, Any]:
     import torch  # noqa: F401  (transformers needs it; imported here so the weight-free path stays light)
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
 
+    settle_device_constructors()
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as err:

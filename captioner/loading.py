@@ -21,6 +21,7 @@ from captioner.convert import convert_blip_state_dict
 from captioner.settings import CaptionSettings
 from captioner.text import blip_tokenizer
 from common.download import DownloadError, cached_download, is_url
+from common.torch_quirks import settle_device_constructors
 from ldm.checkpoint import CheckpointError
 
 # Files an original checkpoint may have beside it (the reference tiny model does; BLIP base needs none).
@@ -96,6 +97,7 @@ def load_transformers_model(
     name_or_dir: str | os.PathLike,
 ) -> tuple[BlipForConditionalGeneration, PreTrainedTokenizerBase]:
     """transformers BLIP captioning model and tokenizer from a save_pretrained directory or a hub id."""
+    settle_device_constructors()
     try:
         model = BlipForConditionalGeneration.from_pretrained(str(name_or_dir), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir))

@@ -201,3 +201,18 @@ def test_bad_control_options_are_refused_before_anything_is_written(photos, tmp_
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "data").exists()
+
+
+def test_loading_a_transformers_model_leaves_torchs_meta_device_working(tiny_depth_model):
+    # Run in a fresh process: transformers' from_pretrained patches torch.linspace while building the model,
+    # and a process whose first `with torch.device(...)` happens then would keep the patched function.
+    import subprocess
+    import sys
+
+    probe = ("import torch, sys\n"
+             "from annotator.controls import get_control\nfrom annotator.depth import load_annotator\n"
+             "load_annotator(get_control('depth'), get_control('depth').settings_from(), sys.argv[1])\n"
+             "with torch.device('meta'):\n    print(torch.linspace(0, 1, 3).device)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(tiny_depth_model)], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip().splitlines()[-1] == "meta", result.stderr[-2000:]

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Low to high. A package may import from packages of a lower level and from itself, nothing else of ours.
 LEVELS = {
     "ldm": 0,          # latent diffusion: UNet, VAE, text encoders, schedule, DDIM, checkpoint reading
-    "annotator": 0,    # control images from photos (Canny) and image reading
-    "common": 0,       # downloads and file writing shared by the dataset build and the captioner
+    "common": 0,       # downloads, file writing, disk space, argument types, library work-arounds
+    "annotator": 1,    # control images from photos (the control types) and image reading
     "captioner": 1,    # BLIP captions
     "cldm": 2,         # the ControlNet model: ControlNet, ControlLDM, grafting, loading, sampling
     "dataset": 3,      # the training set on disk and its build
