@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 import sys
 import time
 import weakref
@@ -249,6 +250,57 @@ def run_step(step: TrainingStep, fake: bool = True) -> MemoryPlan:
     return MemoryPlan(step, weights, gradients, optimizer_state, peak, fake)
 
 
+def measure_cuda(step: TrainingStep, device: str = "cuda") -> int:
+    """The CUDA caching allocator's peak allocated bytes over the same `STEPS` steps as `run_step`, the
+    module built on the CPU and moved, as Lightning does (what `estimate` is checked against on a GPU)."""
+    autocast_dtype = AUTOCAST_DTYPES.get(step.precision)
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    module = build_module(step).to(device)
+    optimizer = module.configure_optimizers()
+    for index in range(STEPS):
+        with torch.device(device):
+            batch = make_batch(module, step)
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, logs = module.batch_loss(batch, index)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del batch, loss, logs
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline
+    del module, optimizer
+    torch.cuda.empty_cache()
+    return peak
+
+
+# --check-device: a few SD 1.5 steps, estimated and measured (bench/gpu_check.sh), within a few minutes.
+CHECK_STEPS = (TrainingStep(batch_size=8, resolution=256), TrainingStep(), TrainingStep(optimizer="adamw8bit"),
+               TrainingStep(batch_size=1, precision="32", half_locked=False, gradient_checkpointing=False,
+                            attention="sdpa", optimizer="adamw"))
+
+
+def check_device(device: str, config: str | None = None, resolution: int | None = None) -> int:
+    """Print the estimate of each of CHECK_STEPS beside the measured peak on `device` ("cuda": the allocator's
+    figure; "cpu": a dry run, real CPU tensors counted by StorageTracker). `config` and `resolution` replace
+    the steps' (a small model for the dry run). Returns the exit status (1 when a measurement fails)."""
+    status = 0
+    for step in CHECK_STEPS:
+        step = dataclasses.replace(step, **{key: value for key, value in (("config", config),
+                                                                          ("resolution", resolution)) if value})
+        try:
+            planned = estimate(step).peak
+            measured = measure_cuda(step, device) if device.startswith("cuda") else run_step(step, fake=False).peak
+        except (RuntimeError, ImportError) as err:  # out of memory, a missing package
+            print(f"{step.describe()}: failed ({str(err)[:200]})", flush=True)
+            status = 1
+            continue
+        print(f"{step.describe()}: estimate {planned / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB on {device} "
+              f"({planned / measured - 1:+.1%})", flush=True)
+    return status
+
+
 def _state_tensors(state: Any) -> Iterator[torch.Tensor]:
     if isinstance(state, dict):
         for value in state.values():
@@ -265,24 +317,30 @@ def estimate(step: TrainingStep) -> MemoryPlan:
 
 def largest_batch(step: TrainingStep, budget_bytes: int, limit: int = AUTO_BATCH_LIMIT) -> tuple[int, MemoryPlan]:
     """The largest batch size (at most `limit`) whose estimated peak fits in `budget_bytes`, and its plan;
-    (0, the plan at batch 1) when not even batch 1 fits. The peak grows with the batch: doubling finds a
-    batch that does not fit, bisection the last one that does (about 2 log2(batch) estimates, remembered)."""
-    def plan(batch: int) -> MemoryPlan:
-        return estimate(dataclasses.replace(step, batch_size=batch))
+    (0, the plan at batch 1) when not even batch 1 fits. The peak grows with the batch, by nearly the same
+    activations per sample once they outweigh the optimizer step: the line through batches 8 and 16 gives a
+    first guess, a step or two from it settles the answer, and bisection takes over where it does not
+    (each estimate is remembered)."""
+    def peak(batch: int) -> int:
+        return estimate(dataclasses.replace(step, batch_size=batch)).peak
 
-    if plan(1).peak > budget_bytes:
-        return 0, plan(1)
-    fits, too_big = 1, None
-    while too_big is None and fits < limit:
-        candidate = min(2 * fits, limit)
-        if plan(candidate).peak <= budget_bytes:
-            fits = candidate
+    if peak(1) > budget_bytes:
+        return 0, estimate(dataclasses.replace(step, batch_size=1))
+    small, large = min(8, limit), min(16, limit)
+    per_sample = (peak(large) - peak(small)) / (large - small) if large > small else 0
+    guess = large + math.floor((budget_bytes - peak(large)) / per_sample) if per_sample > 0 else limit
+    fits, too_big = 1, limit + 1  # batches known to fit / known not to (limit + 1: none above the limit)
+    walked = 0
+    while too_big - fits > 1:
+        batch = min(max(guess, fits + 1), too_big - 1)
+        if peak(batch) <= budget_bytes:
+            fits, guess = batch, batch + 1
         else:
-            too_big = candidate
-    while too_big is not None and too_big - fits > 1:
-        middle = (fits + too_big) // 2
-        fits, too_big = (middle, too_big) if plan(middle).peak <= budget_bytes else (fits, middle)
-    return fits, plan(fits)
+            too_big, guess = batch, batch - 1
+        walked += 1
+        if walked > 2:
+            guess = (fits + too_big) // 2
+    return fits, estimate(dataclasses.replace(step, batch_size=fits))
 
 
 def gpu_memory() -> tuple[str, int, int] | None:
@@ -327,7 +385,7 @@ def print_table() -> None:
             peaks = [estimate(dataclasses.replace(step, batch_size=b)).peak for b in TABLE_BATCHES]
             fits = [largest_batch(step, g * GIB)[0] for g in TABLE_BUDGETS_GIB]
             print(f"| {resolution} px | " + " | ".join(f"{p / GIB:.1f} GiB" for p in peaks) + " | "
-                  + " | ".join(str(f) for f in fits) + " |", flush=True)
+                  + " | ".join(f"{f}+" if f == AUTO_BATCH_LIMIT else str(f) for f in fits) + " |", flush=True)
     print("\ndiffusers' train_controlnet settings against its README's figures (estimated allocated peak):")
     for label, settings in (("fp32, batch 4, 512 px, AdamW", DIFFUSERS_SETTINGS),
                             ("+ gradient checkpointing, 8-bit Adam", DIFFUSERS_16GB_SETTINGS)):
@@ -355,9 +413,9 @@ def validate(config: str = str(TINY_CONFIG)) -> list[tuple[TrainingStep, MemoryP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Estimate the peak GPU memory of a training step (no GPU needed).")
     defaults = TrainingStep()
-    parser.add_argument("--config", default=defaults.config)
+    parser.add_argument("--config", help=f"default: {defaults.config}")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--resolution", type=int, help=f"default: {defaults.resolution}")
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--half-locked", action=argparse.BooleanOptionalAction, default=defaults.half_locked)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -368,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-gib", type=float, default=None, help="also print the largest batch under this")
     parser.add_argument("--table", action="store_true", help="print the README table (SD 1.5, ours vs diffusers)")
     parser.add_argument("--validate", action="store_true", help="estimate vs real CPU tensors on the tiny model")
+    parser.add_argument("--check-device", metavar="DEVICE",
+                        help="estimate vs measured peak of a few SD 1.5 steps on DEVICE (cuda; cpu: a dry run, give "
+                             "a small --config and --resolution)")
     return parser
 
 
@@ -381,7 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{step.describe()}: estimate {fake.peak / 2**20:.1f} MiB, real {real.peak / 2**20:.1f} MiB "
                   f"({fake.peak / real.peak - 1:+.1%})")
         return 0
-    step = TrainingStep(args.config, args.batch_size, args.resolution, args.precision, args.half_locked,
+    if args.check_device:
+        return check_device(args.check_device, args.config, args.resolution)
+    defaults = TrainingStep()
+    step = TrainingStep(args.config or defaults.config, args.batch_size, args.resolution or defaults.resolution,
+                        args.precision, args.half_locked,
                         args.gradient_checkpointing, args.attention, args.optimizer, args.sd_locked,
                         cache_latents=args.cache_latents)
     started = time.perf_counter()
