@@ -4,6 +4,10 @@ under FakeTensorMode against the same step on real CPU tensors; a GPU faked by m
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +20,7 @@ from bench import memory
 from bench.configs import TINY_CONFIG
 from tests.training_helpers import read_training_checkpoint, train_args
 
+REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 REAL_TOLERANCE = 0.10
 TINY = memory.TrainingStep(config=str(TINY_CONFIG), batch_size=2, resolution=64, precision="32")
@@ -120,3 +125,13 @@ def test_batch_size_auto_keeps_the_default_on_the_cpu(tmp_path, init_path, four_
     assert f"--batch-size auto: {training.DEFAULT_BATCH_SIZE} (no CUDA GPU in use" in capsys.readouterr().out
     hyper = read_training_checkpoint(output / "checkpoints" / "last.ckpt")["hyper_parameters"]
     assert hyper["batch_size"] == training.DEFAULT_BATCH_SIZE
+
+
+@pytest.mark.slow  # four tiny-model memory checks and two benchmark workers: about a minute on 2 cores
+def test_the_gpu_check_script_runs_its_commands_on_the_cpu():
+    result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    checks = [line for line in result.stdout.splitlines() if "estimate" in line and "measured" in line]
+    assert len(checks) == len(memory.CHECK_STEPS), result.stdout
+    assert "ours samples/s" in result.stdout
