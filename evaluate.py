@@ -1,4 +1,6 @@
-"""Control fidelity of a trained ControlNet for Canny, as ControlNet++ measures it.
+"""Control fidelity of a trained ControlNet: for Canny as ControlNet++ measures it; for the other control
+types (the checkpoint's or the dataset's control record) with the type's metric (evaluation.control_metrics:
+tile SSIM with the photo, depth RMSE, normal angle, scribble SSIM).
 
     python evaluate.py --ckpt runs/controlnet/checkpoints/last.ckpt --dataset outputs/toy/heldout_dataset
 
@@ -25,8 +27,10 @@ import torch
 from PIL import Image
 
 from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds
-from cldm.inference_loading import load_for_inference
-from dataset import ControlDataset, DatasetError
+from annotator.controls import DEFAULT_CONTROL, parse_control_record
+from cldm.inference_loading import control_record_of, load_for_inference
+from dataset import ControlDataset, DatasetError, read_control_record
+from evaluation.control_metrics import ControlReport, control_type_fidelity
 from evaluation.fidelity import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DDIM_STEPS,
@@ -133,9 +137,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_control_pairs(dataset_root: str | os.PathLike, max_pairs: int | None = DEFAULT_MAX_PAIRS,
+                       resolution: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(control images, prompts, photos) of the first `max_pairs` pairs: (N, H, W, 3) uint8, N, (N, H, W, 3)."""
+    data = ControlDataset(dataset_root, resolution=resolution)
+    items = [data[index] for index in range(len(data) if max_pairs is None else min(max_pairs, len(data)))]
+    hints = np.stack([np.rint(item["hint"] * 255.0).astype(np.uint8) for item in items])
+    photos = np.stack([np.rint((item["jpg"] + 1.0) * 127.5).clip(0, 255).astype(np.uint8) for item in items])
+    return hints, [item["txt"] for item in items], photos
+
+
+def evaluate_control_type(ckpt: str | os.PathLike, dataset_root: str | os.PathLike, record: dict, *,
+                          config: str | os.PathLike | None = None, sd_ckpt: str | os.PathLike | None = None,
+                          max_pairs: int | None = DEFAULT_MAX_PAIRS, resolution: int | None = None,
+                          ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                          batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, device: str = "cpu",
+                          progress: bool = True) -> ControlReport:
+    """Score a checkpoint trained on another control type than Canny with that type's metric."""
+    control, settings, annotator_model = parse_control_record(record)
+    model, _ = load_for_inference(ckpt, config, sd_ckpt)
+    model = model.to(device)
+    hints, prompts, photos = load_control_pairs(dataset_root, max_pairs, resolution)
+    return control_type_fidelity(model, control, settings, annotator_model, hints, prompts, photos,
+                                 ddim_steps=ddim_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                                 seed=seed, device=device, progress=progress)
+
+
+def control_grid(report: ControlReport, rows: int = DEFAULT_GRID_ROWS) -> Image.Image:
+    """One row per pair: the control image, the generated image, and what it was scored against (its
+    control read back, or for tile the held-out photo)."""
+    count = min(rows, len(report.hints))
+    tiles = [[report.hints[i], report.generated[i], report.read_back[i]] for i in range(count)]
+    height, width = tiles[0][0].shape[:2]
+    step_y, step_x = height + GRID_PADDING, width + GRID_PADDING
+    grid = np.full((count * step_y + GRID_PADDING, 3 * step_x + GRID_PADDING, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            top, left = GRID_PADDING + r * step_y, GRID_PADDING + c * step_x
+            grid[top:top + height, left:left + width] = tile
+    return Image.fromarray(grid)
+
+
+def _main_control_type(args: argparse.Namespace, record: dict, device: str) -> int:
+    try:
+        report = evaluate_control_type(
+            args.ckpt, args.dataset, record, config=args.config, sd_ckpt=args.sd_ckpt,
+            max_pairs=args.max_pairs or None, resolution=args.resolution, ddim_steps=args.steps,
+            guidance_scale=args.scale, batch_size=args.batch_size, seed=args.seed, device=device,
+            progress=not args.quiet)
+    except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    grid = Path(args.grid)
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    control_grid(report, args.grid_rows).save(grid)
+    print(f"{args.ckpt}: {report.summary()}")
+    reference = "held-out photo" if report.metric == "ssim" else f"generated image's {report.control}"
+    print(f"grid (control | generated | {reference}): {grid}")
+    if args.json:
+        scores = {"control": report.control, "metric": report.metric, "score": report.score,
+                  "higher_is_better": report.higher_is_better, "pairs": len(report.hints)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        record = control_record_of(args.ckpt) or read_control_record(args.dataset)
+    except (FileNotFoundError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if record is not None and record.get("name") != DEFAULT_CONTROL:
+        return _main_control_type(args, record, device)
     try:
         thresholds = CannyThresholds(args.canny_low, args.canny_high)
         report = evaluate_checkpoint(

@@ -34,6 +34,9 @@ import numpy as np
 from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, CannyThresholds, canny, random_thresholds
 
 DEFAULT_CONTROL = "canny"
+# The key random settings draw from when a control image is made outside a dataset build (inference,
+# evaluation of generated images).
+INFERENCE_KEY = "inference"
 # Scribble widths are given at this short side and scaled with the photo.
 SCRIBBLE_REFERENCE_SIDE = 512
 

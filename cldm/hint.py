@@ -13,10 +13,8 @@ import numpy as np
 import torch
 
 from annotator.canny import CannyThresholds, canny
-from annotator.controls import ControlType
+from annotator.controls import INFERENCE_KEY, ControlType
 from annotator.util import HWC3, SIZE_MULTIPLE, resize_image
-
-INFERENCE_KEY = "inference"
 
 
 def control_from_photo(photo: np.ndarray, resolution: int, thresholds: CannyThresholds | None = None

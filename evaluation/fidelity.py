@@ -69,6 +69,26 @@ def _as_rgb_edges(edge_map: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
+def generate_for_pairs(model: torch.nn.Module, hints: np.ndarray, prompts: Sequence[str], *,
+                       ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                       batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                       control_scales: float | Sequence[float] | None = None, progress: bool = True) -> np.ndarray:
+    """One generated image (uint8 (H, W, 3)) per (control image, prompt), each pair from its own noise drawn
+    once from `seed`: DDIM (eta 0), guidance against "", the control in both branches."""
+    height, width = hints.shape[1:3]
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(hints), *latent_shape(model, height, width)), generator=generator)
+    generated = []
+    starts = range(0, len(hints), batch_size)
+    for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress, leave=False):
+        stop = start + batch_size
+        generated.append(sample_images(model, _hint_tensor(hints[start:stop]), list(prompts[start:stop]),
+                                       steps=ddim_steps, guidance_scale=guidance_scale, noise=noise[start:stop],
+                                       control_scales=control_scales))
+    return np.concatenate(generated)
+
+
+@torch.no_grad()
 def control_fidelity(model: torch.nn.Module, pairs: Sequence[Pair], *,
                      thresholds: CannyThresholds = DEFAULT_THRESHOLDS, tolerance: int = DEFAULT_TOLERANCE,
                      ddim_steps: int = DEFAULT_DDIM_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
@@ -84,18 +104,9 @@ def control_fidelity(model: torch.nn.Module, pairs: Sequence[Pair], *,
     if not pairs:
         raise ValueError("control_fidelity needs at least one (edge map, prompt) pair")
     hints = np.stack([_as_rgb_edges(edge_map) for edge_map, _ in pairs])
-    prompts = [prompt for _, prompt in pairs]
-    height, width = hints.shape[1:3]
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(pairs), *latent_shape(model, height, width)), generator=generator)
-    generated = []
-    starts = range(0, len(pairs), batch_size)
-    for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress, leave=False):
-        stop = start + batch_size
-        generated.append(sample_images(model, _hint_tensor(hints[start:stop]), prompts[start:stop],
-                                       steps=ddim_steps, guidance_scale=guidance_scale, noise=noise[start:stop],
-                                       control_scales=control_scales))
-    images = np.concatenate(generated)
+    images = generate_for_pairs(model, hints, [prompt for _, prompt in pairs], ddim_steps=ddim_steps,
+                                guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
+                                control_scales=control_scales, progress=progress)
     edges = np.stack([canny(image, thresholds) for image in images])
     exact, tolerant = EdgeCounts(), EdgeCounts()
     for predicted, target in zip(edges, hints, strict=True):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import evaluate
 import inference
 import prepare_dataset
 import training
@@ -28,6 +29,7 @@ from annotator.depth import load_annotator, normal_image
 from cldm.hint import control_from_record
 from cldm.inference_loading import control_record_of
 from dataset import CONTROL_FILE, ControlDataset, read_control_record
+from evaluation.control_metrics import METRIC_OF_TYPE, normal_angle_degrees, score
 from tests.image_cases import photo
 from tests.training_helpers import IMAGE_SIZE, train_args
 
@@ -141,6 +143,17 @@ def test_normals_follow_controlnet_1_0s_formula():
     assert abs(x / z - slope / (np.pi * 2.0)) < 0.01
 
 
+def test_each_metric_is_best_for_a_perfect_reading():
+    image = np.stack([photo(64, 64, seed=7)] * 1)[0]
+    assert score("ssim", image, image) == pytest.approx(1.0)
+    assert score("depth-rmse", image, image) == 0.0
+    assert normal_angle_degrees(image, image) == pytest.approx(0.0, abs=1e-3)
+    other = photo(64, 64, seed=8)
+    assert score("ssim", image, other) < 0.9 and score("depth-rmse", image, other) > 0.05
+    flipped = 255 - image
+    assert normal_angle_degrees(image, flipped) > 90  # opposite normals
+
+
 def test_a_segmentation_model_given_as_depth_is_refused(tiny_segmentation_model):
     with pytest.raises(ControlSettingsError, match="is not a depth-estimation model .*Segformer"):
         load_annotator(get_control("depth"), get_control("depth").settings_from(), str(tiny_segmentation_model))
@@ -190,6 +203,17 @@ def test_each_type_builds_trains_and_infers_with_its_recorded_annotator(name, ph
     assert np.array_equal(made, control_from_record(pixels, IMAGE_SIZE, control, settings, model))
     if name != "canny":
         assert f"control: {name}" in capsys.readouterr().out
+
+    scores = tmp_path / "scores.json"
+    assert evaluate.main(["--ckpt", str(checkpoint), "--dataset", str(data), "--steps", "1", "--json", str(scores),
+                          "--grid", str(tmp_path / "grid.png"), "--device", "cpu", "--quiet"]) == 0
+    result = json.loads(scores.read_text())
+    if name == "canny":
+        assert 0 <= result["f1"] <= 1
+    else:
+        assert (result["control"], result["metric"]) == (name, METRIC_OF_TYPE[name])
+        assert result["pairs"] == PHOTOS and np.isfinite(result["score"])
+        assert Image.open(tmp_path / "grid.png").size == (3 * (IMAGE_SIZE + 2) + 2, PHOTOS * (IMAGE_SIZE + 2) + 2)
 
 
 def test_bad_control_options_are_refused_before_anything_is_written(photos, tmp_path, capsys):
