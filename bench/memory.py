@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bench.configs import SD15_CONFIG, TINY_CONFIG
+from bench.configs import SD15_CONFIG, TINY_CONFIG, config_file, model_config
 from trainer.module import (
     DEFAULT_OPTIMIZER,
     HALF_LOCKED_DTYPES,
@@ -67,8 +67,11 @@ STEPS = 2
 TABLE_BATCHES = (1, 4, 8, 16)
 TABLE_RESOLUTIONS = (256, 512)
 TABLE_BUDGETS_GIB = (12, 16, 24, 40)
-# Small configs whose estimate is checked against real CPU tensors (--validate; tests/test_memory_plan.py).
-VALIDATION_CONFIGS = ((64, 1), (64, 4), (128, 2))
+# Steps whose estimate --validate checks against real CPU tensors: (model size, resolution, batch, options).
+VALIDATION_STEPS = (("tiny", 64, 4, {"precision": "32"}), ("tiny", 128, 2, {"precision": "bf16-mixed"}),
+                    ("tiny", 128, 2, {"precision": "32", "gradient_checkpointing": False, "attention": "math"}),
+                    ("midsize", 128, 2, {"precision": "32", "gradient_checkpointing": False}),
+                    ("midsize", 256, 1, {"precision": "bf16-mixed", "optimizer": "adamw"}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,14 +402,15 @@ def print_table() -> None:
                   f"README: ~{DIFFUSERS_PUBLISHED_GB[label]} GB", flush=True)
 
 
-def validate(config: str = str(TINY_CONFIG)) -> list[tuple[TrainingStep, MemoryPlan, MemoryPlan]]:
-    """(step, estimate, real) for VALIDATION_CONFIGS of `config`: the fake run against the same step on real
-    CPU tensors, counted the same way."""
+def validate() -> list[tuple[str, TrainingStep, MemoryPlan, MemoryPlan]]:
+    """(model size, step, estimate, real) for VALIDATION_STEPS: the fake run against the same step on real CPU tensors,
+    counted the same way, on the tiny test model and the benchmarks' mid-size model."""
     results = []
-    for resolution, batch in VALIDATION_CONFIGS:
-        for precision in ("32", "bf16-mixed"):
-            step = TrainingStep(config=config, batch_size=batch, resolution=resolution, precision=precision)
-            results.append((step, estimate(step), run_step(step, fake=False)))
+    with config_file(model_config("midsize")) as midsize:
+        for size, resolution, batch, options in VALIDATION_STEPS:
+            config = str(TINY_CONFIG) if size == "tiny" else str(midsize)
+            step = TrainingStep(config=config, batch_size=batch, resolution=resolution, **options)
+            results.append((size, step, estimate(step), run_step(step, fake=False)))
     return results
 
 
@@ -425,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--budget-gib", type=float, default=None, help="also print the largest batch under this")
     parser.add_argument("--table", action="store_true", help="print the README table (SD 1.5, ours vs diffusers)")
-    parser.add_argument("--validate", action="store_true", help="estimate vs real CPU tensors on the tiny model")
+    parser.add_argument("--validate", action="store_true",
+                        help="estimate vs the same step on real CPU tensors, tiny and mid-size models")
     parser.add_argument("--check-device", metavar="DEVICE",
                         help="estimate vs measured peak of a few SD 1.5 steps on DEVICE (cuda; cpu: a dry run, give "
                              "a small --config and --resolution)")
@@ -438,9 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table()
         return 0
     if args.validate:
-        for step, fake, real in validate():
-            print(f"{step.describe()}: estimate {fake.peak / 2**20:.1f} MiB, real {real.peak / 2**20:.1f} MiB "
-                  f"({fake.peak / real.peak - 1:+.1%})")
+        for size, step, fake, real in validate():
+            print(f"{size} model, {step.describe()}: estimate "
+                  f"{fake.peak / 2**20:.1f} MiB, real {real.peak / 2**20:.1f} MiB ({fake.peak / real.peak - 1:+.1%})",
+                  flush=True)
         return 0
     if args.check_device:
         return check_device(args.check_device, args.config, args.resolution)

@@ -36,6 +36,14 @@ def test_the_estimate_matches_the_same_step_on_real_cpu_tensors(resolution, batc
                                                                     real.optimizer_state)
 
 
+@pytest.mark.slow  # the mid-size benchmark model for real on the CPU: about 25 s on 2 cores
+def test_validate_holds_on_the_tiny_and_the_mid_size_model():
+    results = memory.validate()
+    assert {size for size, *_ in results} == {"tiny", "midsize"}
+    for size, step, fake, real in results:
+        assert abs(fake.peak - real.peak) <= REAL_TOLERANCE * real.peak, (size, step)
+
+
 def _attention_peak(attention) -> int:
     """Peak bytes of one attention forward over (1, 2 heads, 1024 tokens, 16) fp32 queries, keys and values."""
     with FakeTensorMode(), memory.StorageTracker(fake_scalars=True) as tracker:
