@@ -33,7 +33,10 @@ import inference
 import prepare_dataset
 import tool_add_control
 import training
+from annotator.controls import CONTROL_TYPES, DEFAULT_CONTROL, parse_control_record
 from cldm.inference_loading import load_for_inference
+from dataset import read_control_record
+from evaluation.control_metrics import control_type_fidelity
 from evaluation.fidelity import DEFAULT_GUIDANCE_SCALE, control_fidelity
 from toy.photos import write_toy_photos
 from toy.shapes import DEFAULT_RESOLUTION
@@ -48,6 +51,7 @@ INFERENCE_EXAMPLES = 2
 INFERENCE_SAMPLES = 4
 # Held-out pairs scored by the callback during training (the final evaluation uses all of them).
 CALLBACK_PAIRS = 8
+QUICKSTART_CONTROLS = tuple(name for name, control in CONTROL_TYPES.items() if not control.model_based)
 
 
 def _run(name: str, entry, argv: list[str], **kwargs) -> None:
@@ -67,12 +71,68 @@ def _fresh_output(output: Path) -> None:
     (output / MARKER).write_text("made by quickstart.py; cleared on its next run\n", encoding="utf-8")
 
 
+def _add_control_and_train(args: argparse.Namespace, output: Path, data: dict[str, Path],
+                           callbacks: list) -> tuple[Path, Path, float]:
+    """tool_add_control on the toy base, then training.py; (control init, trained checkpoint, seconds)."""
+    control_init = output / "control_init.safetensors"
+    _run("tool_add_control", tool_add_control.main,
+         [args.base, str(control_init), "--config", args.config, "--quiet"])
+    run_dir = output / "run"
+    training_started = time.perf_counter()
+    _run("training", training.main,
+         ["--config", args.config, "--init", str(control_init), "--data", str(data["train"]),
+          "--resolution", str(DEFAULT_RESOLUTION), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+          "--max-steps", str(args.steps), "--seed", str(args.seed), "--output-dir", str(run_dir),
+          "--logger-freq", str(args.steps), "--sample-ddim-steps", str(args.ddim_steps),
+          "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1",
+          "--sd-locked" if args.sd_locked else "--no-sd-locked",
+          "--cache-latents" if args.cache_latents else "--no-cache-latents"],
+         callbacks=callbacks)
+    return control_init, run_dir / "checkpoints" / "last.ckpt", time.perf_counter() - training_started
+
+
+def _other_control(args: argparse.Namespace, output: Path, data: dict[str, Path], started: float) -> int:
+    """Steps 3-6 for a control type other than Canny, scored with the type's metric (evaluate.py's)."""
+    control_init, trained, training_seconds = _add_control_and_train(args, output, data, [])
+    print(f"\n== evaluate ({args.control}): trained vs untrained (zero) ControlNet on the same base", flush=True)
+    record = read_control_record(data["heldout"])
+    control, settings, annotator_model = parse_control_record(record)
+    hints, prompts, photos_ = evaluate.load_control_pairs(data["heldout"], max_pairs=None)
+    reports = {}
+    zero_model, _ = load_for_inference(control_init, args.config)
+    trained_model, _ = load_for_inference(trained)
+    for name, model, strength in (("zero", zero_model, 1.0), ("trained", trained_model, 1.0),
+                                  ("trained_no_control", trained_model, 0.0)):
+        reports[name] = control_type_fidelity(model, control, settings, annotator_model, hints, prompts, photos_,
+                                              ddim_steps=args.ddim_steps, guidance_scale=args.scale,
+                                              seed=args.seed, control_scales=strength)
+        print(f"{name:>18}: {reports[name].summary()}")
+    grid = output / "comparison.png"
+    evaluate.control_grid(reports["trained"]).save(grid)
+    seconds = time.perf_counter() - started
+    results = {name: {"metric": report.metric, "score": report.score, "higher_is_better": report.higher_is_better,
+                      "pairs": len(report.hints)} for name, report in reports.items()}
+    results.update(control=args.control, steps=args.steps, sd_locked=args.sd_locked,
+                   cache_latents=args.cache_latents, seconds=round(seconds, 1),
+                   training_seconds=round(training_seconds, 1))
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    metric = reports["trained"].metric
+    print(f"\n{args.control} {metric} on {len(hints)} held-out pairs: trained ControlNet "
+          f"{reports['trained'].score:.4f}, untrained (zero) ControlNet {reports['zero'].score:.4f}, with its "
+          f"control off {reports['trained_no_control'].score:.4f}, after {args.steps} steps")
+    print(f"grid (control | trained: generated | reference): {grid}; scores: {output / 'results.json'}; "
+          f"total time {seconds / 60:.1f} min")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="everything goes here (cleared on a rerun)")
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--base", default=DEFAULT_BASE, help="the SD-like base checkpoint")
+    parser.add_argument("--control", choices=QUICKSTART_CONTROLS, default=DEFAULT_CONTROL,
+                        help="the control type to train (the weight-free ones: no annotator model to download)")
     parser.add_argument("--steps", type=int, default=300, help="ControlNet training steps")
     parser.add_argument("--fast", action="store_true", help="a short smoke run: fewer steps, images and pairs")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -107,28 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     data = {split: output / "data" / split for split in photos}
     for split, folder in photos.items():
         _run(f"prepare_dataset ({split})", prepare_dataset.main,
-             ["--input", str(folder), "--output", str(data[split]), "--captions-from-txt", "--workers", "1"])
-
-    control_init = output / "control_init.safetensors"
-    _run("tool_add_control", tool_add_control.main,
-         [args.base, str(control_init), "--config", args.config, "--quiet"])
+             ["--input", str(folder), "--output", str(data[split]), "--captions-from-txt", "--workers", "1",
+              "--control", args.control])
+    if args.control != DEFAULT_CONTROL:
+        return _other_control(args, output, data, started)
 
     heldout_pairs = evaluate.load_pairs(data["heldout"], max_pairs=None)
     monitor = FidelityCallback(heldout_pairs[:CALLBACK_PAIRS], every_n_steps=args.eval_every,
                                ddim_steps=args.ddim_steps, guidance_scale=args.scale, seed=args.seed)
-    run_dir = output / "run"
-    training_started = time.perf_counter()
-    _run("training", training.main,
-         ["--config", args.config, "--init", str(control_init), "--data", str(data["train"]),
-          "--resolution", resolution, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-          "--max-steps", str(args.steps), "--seed", str(args.seed), "--output-dir", str(run_dir),
-          "--logger-freq", str(args.steps), "--sample-ddim-steps", str(args.ddim_steps),
-          "--checkpoint-every", str(args.steps), "--accelerator", "cpu", "--devices", "1",
-          "--sd-locked" if args.sd_locked else "--no-sd-locked",
-          "--cache-latents" if args.cache_latents else "--no-cache-latents"],
-         callbacks=[monitor])
-    trained = run_dir / "checkpoints" / "last.ckpt"
-    training_seconds = time.perf_counter() - training_started
+    control_init, trained, training_seconds = _add_control_and_train(args, output, data, [monitor])
+    run_dir = trained.parent.parent
 
     heldout_prompts = [json.loads(line)["prompt"]
                        for line in (data["heldout"] / "prompt.json").read_text(encoding="utf-8").splitlines()]

@@ -53,3 +53,22 @@ def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode != 0 and "not made by quickstart" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+# The tile ControlNet after quickstart --fast (100 steps): SSIM with the held-out photos 0.72 against the zero
+# ControlNet's 0.59 and 0.56 with its control off (2-core Intel Xeon); the bar leaves room for other CPUs.
+TILE_MIN_GAIN = 0.05
+
+
+@pytest.mark.slow
+def test_quickstart_tile_controlnet_learns_the_layout(tmp_path):
+    output = tmp_path / "quickstart-tile"
+    result = subprocess.run([sys.executable, "quickstart.py", "--output", str(output), "--control", "tile", "--fast"],
+                            cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scores = json.loads((output / "results.json").read_text())
+    assert scores["control"] == "tile" and scores["trained"]["metric"] == "ssim"
+    trained, zero, off = (scores[name]["score"] for name in ("trained", "zero", "trained_no_control"))
+    assert trained >= zero + TILE_MIN_GAIN and trained >= off + TILE_MIN_GAIN, scores
+    assert json.loads((output / "data" / "train" / "control.json").read_text())["name"] == "tile"
+    assert Image.open(output / "comparison.png").size[0] == 3 * 66 + 2
