@@ -119,11 +119,11 @@ def tile_control(photo: np.ndarray, settings: TileSettings, key: str) -> np.ndar
     height, width = photo.shape[:2]
     image = photo.astype(np.float32)
     for _ in range(settings.level):
-        image += rng.normal(0.0, settings.noise, image.shape).astype(np.float32)
+        image += settings.noise * rng.standard_normal(image.shape, dtype=np.float32)
         image = cv2.pyrDown(image)
     for _ in range(settings.level):
         image = cv2.pyrUp(image)
-        image += rng.normal(0.0, settings.noise, image.shape).astype(np.float32)
+        image += settings.noise * rng.standard_normal(image.shape, dtype=np.float32)
     if image.shape[:2] != (height, width):  # odd sizes do not come back exactly
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -121,3 +121,13 @@ def test_gpu_preset_report_from_given_figures(monkeypatch):
     assert float(cells[9]) == pytest.approx(2.0 * 20) and float(cells[10]) == pytest.approx(2.0 * 10)
     assert float(cells[11]) == pytest.approx(100 * 2.0 * 20 / 1000)
     assert cells[13:15] == ["30", "12"]
+
+
+def test_control_types_bench_reports_every_type_against_canny(capsys):
+    from bench import control_types
+
+    assert control_types.main(["--photos", "2", "--size", "128", "96"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "photos/s" in line and ":" in line}
+    assert set(rows) >= set(control_types.CONTROL_TYPES)
+    assert "1.00x Canny" in rows["canny"] and "tiny random DPT" in out
