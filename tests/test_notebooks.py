@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import re
 import tarfile
 from pathlib import Path
@@ -93,7 +94,7 @@ def prepared(tmp_path_factory) -> dict:
     work = root / "work"
     notebook = execute(PREPARE, REPO / "notebooks", {
         "WORK_DIR": str(work), "TOY_PHOTOS": TOY_PHOTOS, "WORKERS": 1, "SHOW_EXAMPLES": 2, "USE_DRIVE": True,
-        "DRIVE_DIR": str(drive), "INSTALL": "never"})
+        "DRIVE_DIR": str(drive), "INSTALL": "never", "CONTROL": "tile", "CONTROL_OPTIONS": {"level": 2}})
     return {"notebook": notebook, "dataset": work / "dataset", "archive": drive / "dataset.tar", "root": root}
 
 
@@ -102,6 +103,8 @@ def test_prepare_dataset_notebook_builds_shows_and_copies_the_dataset(prepared):
     dataset = prepared["dataset"]
     lines = (dataset / "prompt.json").read_text().splitlines()
     assert len(lines) == TOY_PHOTOS
+    control = json.loads((dataset / "control.json").read_text())
+    assert (control["name"], control["settings"]["level"]) == ("tile", 2)  # CONTROL and CONTROL_OPTIONS
     assert len(list((dataset / "source").glob("*.png"))) == TOY_PHOTOS
     assert len(list((dataset / "target").glob("*.jpg"))) == TOY_PHOTOS
     # The toy captions come from the .txt files (no BLIP download).
@@ -119,7 +122,8 @@ def test_training_inference_notebook_trains_shows_infers_and_resumes(prepared, t
     then the run after a "disconnect": the dataset from the Drive archive, training resumed from RUN_DIR."""
     run_dir = tmp_path / "drive" / "run"
     first = execute(TRAIN, REPO, {**SMALL_TRAINING, "WORK_DIR": str(tmp_path / "work"), "TOY_PHOTOS": 8,
-                                  "RUN_DIR": str(run_dir)})
+                                  "RUN_DIR": str(run_dir), "CONTROL": "tile"})
+    assert json.loads((tmp_path / "work" / "dataset" / "control.json").read_text())["name"] == "tile"
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / LAST).is_file() and (checkpoints / "step-00000004.ckpt").is_file()
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step-00000002.png", "step-00000004.png"]
