@@ -17,7 +17,8 @@ The types follow ControlNet 1.1's preparation (docs/control_types.md has the fac
   at 512 px (1.1's synthesized scribbles span that range).
 - tile: the photo blurred and downsampled: `level` rounds of Gaussian noise and pyrDown, then pyrUp back
   with noise again (1.1's DownSampleDetector), so the ControlNet learns to add the detail.
-- depth / normal: see annotator.depth.
+- depth / normal: see annotator.depth; seg: annotator.segmentation; softedge: annotator.hed. Each runs a
+  model (`annotator.models.load_annotator`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,16 @@ class NormalSettings:
             raise ValueError(f"strength must be above 0, got {self.strength}")
 
 
+@dataclass(frozen=True)
+class SegSettings:
+    """No choices: the segmentation model's own image processor sets the size it sees."""
+
+
+@dataclass(frozen=True)
+class SoftEdgeSettings:
+    safe: bool = False  # quantise to three levels (ControlNet 1.1's "safe" soft edges)
+
+
 CONTROL_TYPES: dict[str, ControlType] = {
     control.name: control for control in (
         ControlType("canny", CannySettings, "Canny edges (white on black)", "canny-f1", canny_control),
@@ -201,6 +212,10 @@ CONTROL_TYPES: dict[str, ControlType] = {
                     "depth-rmse", "Intel/dpt-hybrid-midas"),
         _model_type("normal", NormalSettings, "surface normals derived from depth, as ControlNet 1.0 made them",
                     "normal-angle", "Intel/dpt-hybrid-midas"),
+        _model_type("seg", SegSettings, "ADE20K semantic segmentation in its class colours (a transformers model)",
+                    "seg-miou", "openmmlab/upernet-convnext-small"),
+        _model_type("softedge", SoftEdgeSettings, "soft edges from ControlNet 1.1's HED (white on black)",
+                    "softedge-ssim", "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"),
     )
 }
 

@@ -16,17 +16,13 @@ the channels before the model).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import cv2
 import numpy as np
 
-from annotator.controls import ControlSettingsError, ControlType, NormalSettings
+from annotator.controls import ControlSettingsError, NormalSettings
 from common.torch_quirks import settle_device_constructors
-
-# A list of RGB uint8 photos -> their control images, in order.
-BatchAnnotator = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 def load_depth_model(model: str, device: str = "cpu") -> tuple[Any, Any]:
@@ -92,13 +88,3 @@ def normal_image(depth: np.ndarray, settings: NormalSettings) -> np.ndarray:
     normal /= np.sqrt(np.sum(normal ** 2, axis=2, keepdims=True))
     image = np.clip(normal * 127.5 + 127.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image[:, :, ::-1])
-
-
-def load_annotator(control: ControlType, settings: Any, model: str | None, device: str = "cpu") -> BatchAnnotator:
-    """The batch annotator of a model-based control type, its model loaded on `device`."""
-    processor, network = load_depth_model(model or control.model, device)
-    if control.name == "depth":
-        return lambda photos: [depth_image(depth) for depth in predict_depth(processor, network, photos)]
-    if control.name == "normal":
-        return lambda photos: [normal_image(depth, settings) for depth in predict_depth(processor, network, photos)]
-    raise ControlSettingsError(f"control {control.name!r} has no model-based annotator")

@@ -33,7 +33,7 @@ def control_from_record(photo: np.ndarray, resolution: int, control: ControlType
     width, tile noise) draw from the fixed key "inference". Returns HWC uint8."""
     image = resize_image(HWC3(photo), resolution)
     if control.model_based:
-        from annotator.depth import load_annotator  # transformers: only for the model-based types
+        from annotator.models import load_annotator  # transformers: only for the model-based types
 
         return HWC3(load_annotator(control, settings, model, device)([image])[0])
     return HWC3(control.annotate(image, settings, INFERENCE_KEY))

@@ -30,8 +30,10 @@ from evaluation.fidelity import (
 )
 
 # metric name -> whether a higher score is better
-METRICS = {"ssim": True, "scribble-ssim": True, "depth-rmse": False, "normal-angle": False}
-METRIC_OF_TYPE = {"tile": "ssim", "scribble": "scribble-ssim", "depth": "depth-rmse", "normal": "normal-angle"}
+METRICS = {"ssim": True, "scribble-ssim": True, "softedge-ssim": True, "depth-rmse": False, "normal-angle": False,
+           "seg-miou": True}
+METRIC_OF_TYPE = {"tile": "ssim", "scribble": "scribble-ssim", "softedge": "softedge-ssim", "depth": "depth-rmse",
+                  "normal": "normal-angle", "seg": "seg-miou"}
 
 
 @dataclass
@@ -71,10 +73,31 @@ def normal_angle_degrees(predicted: np.ndarray, target: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cosine)).mean())
 
 
+def mean_iou(predicted: Sequence[np.ndarray], target: Sequence[np.ndarray]) -> float:
+    """mIoU over a set of segmentation maps drawn with the ADE20K palette: intersections and unions summed
+    over all images per class, averaged over the classes present in either (as mmsegmentation's mIoU,
+    which ControlNet++ reports)."""
+    from annotator.segmentation import ADE20K_CLASSES, classes_of
+
+    intersection = np.zeros(ADE20K_CLASSES, dtype=np.int64)
+    union = np.zeros(ADE20K_CLASSES, dtype=np.int64)
+    for a, b in zip(predicted, target, strict=True):
+        ca, cb = classes_of(a).ravel(), classes_of(b).ravel()
+        valid = cb >= 0
+        ca, cb = ca[valid], cb[valid]
+        area_a = np.bincount(ca[ca >= 0], minlength=ADE20K_CLASSES)
+        area_b = np.bincount(cb, minlength=ADE20K_CLASSES)
+        both = np.bincount(cb[ca == cb], minlength=ADE20K_CLASSES)
+        intersection += both
+        union += area_a + area_b - both
+    present = union > 0
+    return float((intersection[present] / union[present]).mean()) if present.any() else 0.0
+
+
 def score(metric: str, read_back: np.ndarray, reference: np.ndarray) -> float:
     """One pair's score: read_back (the generated image annotated again, or for tile the generated image)
     against reference (the control image, or for tile the photo); both HWC uint8 of one size."""
-    if metric in ("ssim", "scribble-ssim"):
+    if metric in ("ssim", "scribble-ssim", "softedge-ssim"):
         return ssim(_grey(read_back), _grey(reference))
     if metric == "depth-rmse":
         difference = _grey(read_back).astype(np.float64) / 255.0 - _grey(reference).astype(np.float64) / 255.0
@@ -88,7 +111,7 @@ def read_back(control: ControlType, settings: Any, model: str | None, images: np
               device: str = "cpu") -> np.ndarray:
     """The generated images annotated again with the control's own annotator and settings (HWC uint8)."""
     if control.model_based:
-        from annotator.depth import load_annotator  # transformers: only for the model-based types
+        from annotator.models import load_annotator  # transformers: only for the model-based types
 
         return np.stack([_rgb(image) for image in load_annotator(control, settings, model, device)(list(images))])
     return np.stack([_rgb(control.annotate(image, settings, INFERENCE_KEY)) for image in images])
@@ -121,6 +144,9 @@ def control_type_fidelity(model: torch.nn.Module, control: ControlType, settings
     else:
         references, readings = hints, read_back(control, settings, annotator_model, generated, device)
         shown = readings
-    value = float(np.mean([score(metric, reading, reference)
-                           for reading, reference in zip(readings, references, strict=True)]))
+    if metric == "seg-miou":
+        value = mean_iou(readings, references)
+    else:
+        value = float(np.mean([score(metric, reading, reference)
+                               for reading, reference in zip(readings, references, strict=True)]))
     return ControlReport(control.name, metric, value, METRICS[metric], hints, generated, shown)

@@ -25,7 +25,8 @@ from annotator.controls import (
     get_control,
     parse_control_record,
 )
-from annotator.depth import load_annotator, normal_image
+from annotator.depth import normal_image
+from annotator.models import load_annotator
 from cldm.hint import control_from_record
 from cldm.inference_loading import control_record_of
 from dataset import CONTROL_FILE, ControlDataset, read_control_record
@@ -59,6 +60,37 @@ def tiny_segmentation_model(tmp_path_factory) -> Path:
                              num_attention_heads=[1, 1], decoder_hidden_size=16, num_labels=3)
     SegformerForSemanticSegmentation(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_ade_model(tmp_path_factory) -> Path:
+    """A tiny random SegFormer with ADE20K's 150 classes and its image processor (save_pretrained)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-ade")
+    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                             num_attention_heads=[1, 1], decoder_hidden_size=16, num_labels=150)
+    SegformerForSemanticSegmentation(config).save_pretrained(folder)
+    SegformerImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hed_weights(tmp_path_factory) -> Path:
+    """Random weights in the released ControlNetHED.pth layout (a plain state dict saved by torch.save)."""
+    import torch
+
+    from annotator.hed import build_hed
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hed") / "ControlNetHED.pth"
+    torch.save(build_hed().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def annotator_models(tiny_depth_model, tiny_ade_model, hed_weights) -> dict[str, Path]:
+    return {"depth": tiny_depth_model, "normal": tiny_depth_model, "seg": tiny_ade_model, "softedge": hed_weights}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +186,50 @@ def test_each_metric_is_best_for_a_perfect_reading():
     assert normal_angle_degrees(image, flipped) > 90  # opposite normals
 
 
+def test_seg_colours_ade20k_classes_and_reads_them_back(tiny_ade_model):
+    from annotator.segmentation import ADE20K_PALETTE, classes_of
+
+    [seg] = load_annotator(get_control("seg"), get_control("seg").settings_from(), str(tiny_ade_model))(
+        [photo(96, 64, seed=3)])
+    assert seg.shape == (64, 96, 3)
+    colours = {tuple(c) for c in seg.reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in ADE20K_PALETTE}
+    assert (classes_of(seg) >= 0).all()
+    assert classes_of(ADE20K_PALETTE[None, :3])[0].tolist() == [0, 1, 2]  # wall, building, sky
+
+
+def test_seg_miou_counts_classes_over_the_whole_set():
+    from annotator.segmentation import ADE20K_PALETTE
+    from evaluation.control_metrics import mean_iou
+
+    a = ADE20K_PALETTE[np.array([[0, 0], [2, 2]])]
+    b = ADE20K_PALETTE[np.array([[0, 2], [2, 2]])]
+    assert mean_iou([a], [a]) == 1.0
+    assert mean_iou([a], [b]) == pytest.approx((1 / 2 + 2 / 3) / 2)  # wall: 1 of 2, sky: 2 of 3
+
+
+def test_an_ade_model_is_needed_for_seg(tiny_segmentation_model):
+    with pytest.raises(ControlSettingsError, match="has 3 classes; the seg control colours ADE20K's 150"):
+        load_annotator(get_control("seg"), get_control("seg").settings_from(), str(tiny_segmentation_model))
+
+
+def test_hed_loads_the_released_layout_and_refuses_others(hed_weights, tmp_path):
+    import torch
+
+    from annotator.controls import SoftEdgeSettings
+
+    [edges] = load_annotator(get_control("softedge"), SoftEdgeSettings(), str(hed_weights))([photo(96, 64, seed=2)])
+    assert edges.shape == (64, 96) and edges.dtype == np.uint8
+    [safe] = load_annotator(get_control("softedge"), SoftEdgeSettings(safe=True), str(hed_weights))(
+        [photo(96, 64, seed=2)])
+    assert set(np.unique(safe)) <= {0, 127, 255}
+    state = torch.load(hed_weights, weights_only=True)
+    state["block6.projection.weight"] = state.pop("block5.projection.weight")
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ControlSettingsError, match=r"not ControlNet 1.1's HED .*missing block5.projection.weight"):
+        load_annotator(get_control("softedge"), SoftEdgeSettings(), str(tmp_path / "other.pth"))
+
+
 def test_a_segmentation_model_given_as_depth_is_refused(tiny_segmentation_model):
     with pytest.raises(ControlSettingsError, match="is not a depth-estimation model .*Segformer"):
         load_annotator(get_control("depth"), get_control("depth").settings_from(), str(tiny_segmentation_model))
@@ -167,24 +243,24 @@ def build(photos: Path, output: Path, *options: str) -> int:
                                  "--workers", "0", "--resolution", str(IMAGE_SIZE), *options])
 
 
-def control_options(name: str, model: Path) -> list[str]:
+def control_options(name: str, models: dict[str, Path]) -> list[str]:
     options = ["--control", name]
     if get_control(name).model_based:
-        options += ["--annotator-model", str(model), "--device", "cpu"]
+        options += ["--annotator-model", str(models[name]), "--device", "cpu"]
     if name == "tile":
         options += ["--control-option", "level=2"]
     return options
 
 
 @pytest.mark.parametrize("name", list(CONTROL_TYPES))
-def test_each_type_builds_trains_and_infers_with_its_recorded_annotator(name, photos, tiny_depth_model, init_path,
+def test_each_type_builds_trains_and_infers_with_its_recorded_annotator(name, photos, annotator_models, init_path,
                                                                         tmp_path, capsys):
     data = tmp_path / "data"
-    assert build(photos, data, *control_options(name, tiny_depth_model)) == 0
+    assert build(photos, data, *control_options(name, annotator_models)) == 0
     record = read_control_record(data)
     assert record["name"] == name
     assert json.loads((data / CONTROL_FILE).read_text())["model"] == (
-        str(tiny_depth_model) if get_control(name).model_based else None)
+        str(annotator_models[name]) if get_control(name).model_based else None)
     assert len(ControlDataset(data, resolution=IMAGE_SIZE)) == PHOTOS
 
     run = tmp_path / "run"
@@ -234,7 +310,7 @@ def test_loading_a_transformers_model_leaves_torchs_meta_device_working(tiny_dep
     import sys
 
     probe = ("import torch, sys\n"
-             "from annotator.controls import get_control\nfrom annotator.depth import load_annotator\n"
+             "from annotator.controls import get_control\nfrom annotator.models import load_annotator\n"
              "load_annotator(get_control('depth'), get_control('depth').settings_from(), sys.argv[1])\n"
              "with torch.device('meta'):\n    print(torch.linspace(0, 1, 3).device)\n")
     result = subprocess.run([sys.executable, "-c", probe, str(tiny_depth_model)], capture_output=True, text=True,

@@ -59,7 +59,7 @@ def make_model_pairs(jobs: list[PairJob], settings: PairSettings, config: BuildC
                      ) -> Iterator[tuple[PairJob, Skip | None]]:
     """(job, skip or None) for every job, in order, for a model-based control type: photos decoded and
     annotated config.batch_size at a time on config.device (the model loads at the first batch)."""
-    from annotator.depth import load_annotator  # transformers: only for the model-based types
+    from annotator.models import load_annotator  # transformers: only for the model-based types
 
     control = get_control(settings.control)
     annotate = None
