@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-option", type=_control_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of --control (repeatable), e.g. level=2 for tile; canny uses --canny-*")
     parser.add_argument("--annotator-model", default=None,
-                        help="depth/normal: a transformers depth-estimation model (hub id or folder; default "
-                             "Intel/dpt-hybrid-midas, e.g. depth-anything/Depth-Anything-V2-Small-hf)")
+                        help="the model of a model-based --control (hub id, folder, file or URL): depth/normal a "
+                             "transformers depth model (default Intel/dpt-hybrid-midas), seg an ADE20K "
+                             "segmentation model (default openmmlab/upernet-convnext-small), softedge the HED "
+                             "weights (default ControlNet 1.1's ControlNetHED.pth)")
     parser.add_argument("--caption-model", default=defaults.caption_model,
                         help="BLIP checkpoint (.pth path or URL), transformers folder or hub id")
     parser.add_argument("--captions-from-txt", action="store_true",
