@@ -3,7 +3,8 @@
     python -m bench.memory [--config models/cldm_v15.yaml] [--batch-size 4] [--resolution 512]
                            [--precision bf16-mixed] [--optimizer adamw-fused] [--no-gradient-checkpointing] ...
     python -m bench.memory --table          # the README table: ours vs diffusers' settings, SD 1.5
-    python -m bench.memory --validate       # estimate vs the same step on real CPU tensors, small configs
+    python -m bench.memory --validate       # estimate vs the same step on real CPU tensors, small models
+    python -m bench.memory --check-device cuda   # estimate vs the CUDA allocator's peak (bench/gpu_check.sh)
 
 It runs the real step of `trainer.module.ControlNetTrainer` (the same module, config, precision, half-locked
 parts, gradient checkpointing, attention kernel and optimizer that training.py builds): the model is built,
@@ -89,6 +90,9 @@ class TrainingStep:
     sd_locked: bool = True
     only_mid_control: bool = False
     cache_latents: bool = False
+    # Lightning frees the gradients after each optimizer step; diffusers' script zeroes them in place unless
+    # given --set_grads_to_none, so they also occupy memory during the next forward and backward.
+    grads_to_none: bool = True
 
     def describe(self, size: bool = True) -> str:
         """The options in words; size: begin with the batch and the resolution."""
@@ -96,7 +100,8 @@ class TrainingStep:
         return ((f"batch {self.batch_size}, {self.resolution} px, " if size else "") + f"precision {self.precision}"
                 f"{', half-locked' if self.half_locked and self.precision != '32' else ''}, gradient checkpointing "
                 f"{checkpointing}, attention {self.attention or 'config'}, {self.optimizer}"
-                f"{'' if self.sd_locked else ', decoder unlocked'}{', latent cache' if self.cache_latents else ''}")
+                f"{'' if self.sd_locked else ', decoder unlocked'}{', latent cache' if self.cache_latents else ''}"
+                f"{'' if self.grads_to_none else ', gradients zeroed, not freed'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +249,7 @@ def run_step(step: TrainingStep, fake: bool = True) -> MemoryPlan:
             loss.backward()
             gradients = _storage_bytes([p.grad for p in trained if p.grad is not None])
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=step.grads_to_none)
             del batch, loss, logs
         optimizer_state = _storage_bytes([value for state in optimizer.state.values()
                                           for value in _state_tensors(state)])
@@ -269,7 +274,7 @@ def measure_cuda(step: TrainingStep, device: str = "cuda") -> int:
             loss, logs = module.batch_loss(batch, index)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=step.grads_to_none)
         del batch, loss, logs
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
@@ -361,15 +366,20 @@ def auto_batch_budget(free_bytes: int) -> int:
     return int(free_bytes - max(free_bytes * AUTO_BATCH_MARGIN, AUTO_BATCH_MIN_MARGIN_BYTES))
 
 
-# diffusers' examples/controlnet/train_controlnet.py as its README runs it: fp32 everywhere, batch 4 at
-# 512 px, no gradient checkpointing, torch AdamW, SDPA attention (AttnProcessor2_0), the VAE and text encoder
-# run in every step; the README gives ~38 GB for that, and 16 GB with gradient checkpointing and 8-bit Adam
-# (figures from before PyTorch 2's SDPA, when diffusers' default attention built the full score matrix:
-# our "math" kernel; --table shows both).
+# diffusers' examples/controlnet/train_controlnet.py as its README runs it: fp32 everywhere, no gradient
+# checkpointing, torch AdamW, SDPA attention (AttnProcessor2_0), gradients zeroed in place, the VAE and text
+# encoder run in every step, 512 px. Its README: ~38 GB at batch 4; ~20 GB at batch 1 (with gradient
+# accumulation); 16 GB at batch 1 with gradient checkpointing and 8-bit Adam. Those figures predate PyTorch 2's
+# SDPA, when diffusers' attention built the full score matrix (our "math" kernel): --table shows both.
 DIFFUSERS_SETTINGS = TrainingStep(precision="32", half_locked=False, gradient_checkpointing=False,
-                                  attention="sdpa", optimizer="adamw")
-DIFFUSERS_16GB_SETTINGS = dataclasses.replace(DIFFUSERS_SETTINGS, gradient_checkpointing=True, optimizer="adamw8bit")
-DIFFUSERS_PUBLISHED_GB = {"fp32, batch 4, 512 px, AdamW": 38, "+ gradient checkpointing, 8-bit Adam": 16}
+                                  attention="sdpa", optimizer="adamw", grads_to_none=False)
+DIFFUSERS_PUBLISHED = (
+    ("batch 4", DIFFUSERS_SETTINGS, "~38 GB"),
+    ("batch 1", dataclasses.replace(DIFFUSERS_SETTINGS, batch_size=1), "~20 GB"),
+    ("batch 1, gradient checkpointing, 8-bit Adam",
+     dataclasses.replace(DIFFUSERS_SETTINGS, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit"),
+     "16 GB GPU"),
+)
 # This project's defaults on a bf16 GPU (training.py: --precision auto, --half-locked, the config's gradient
 # checkpointing, sdpa, adamw-fused).
 OUR_SETTINGS = TrainingStep()
@@ -390,8 +400,7 @@ def print_table() -> None:
             print(f"| {resolution} px | " + " | ".join(f"{p / GIB:.1f} GiB" for p in peaks) + " | "
                   + " | ".join(f"{f}+" if f == AUTO_BATCH_LIMIT else str(f) for f in fits) + " |", flush=True)
     print("\ndiffusers' train_controlnet settings against its README's figures (estimated allocated peak):")
-    for label, settings in (("fp32, batch 4, 512 px, AdamW", DIFFUSERS_SETTINGS),
-                            ("+ gradient checkpointing, 8-bit Adam", DIFFUSERS_16GB_SETTINGS)):
+    for label, settings, published in DIFFUSERS_PUBLISHED:
         for attention in ("sdpa", "math"):
             try:
                 plan = estimate(dataclasses.replace(settings, attention=attention))
@@ -399,7 +408,7 @@ def print_table() -> None:
                 print(f"- {label}, {attention} attention: {err}")
                 continue
             print(f"- {label}, {attention} attention: {plan.peak / GIB:.1f} GiB ({plan.peak / 1e9:.1f} GB); "
-                  f"README: ~{DIFFUSERS_PUBLISHED_GB[label]} GB", flush=True)
+                  f"README: {published}", flush=True)
 
 
 def validate() -> list[tuple[str, TrainingStep, MemoryPlan, MemoryPlan]]:
