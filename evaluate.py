@@ -30,7 +30,7 @@ from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, Canny
 from annotator.controls import DEFAULT_CONTROL, parse_control_record
 from cldm.inference_loading import control_record_of, load_for_inference
 from dataset import ControlDataset, DatasetError, read_control_record
-from evaluation.control_metrics import ControlReport, control_type_fidelity
+from evaluation.control_metrics import PHOTO_METRICS, ControlReport, control_type_fidelity
 from evaluation.fidelity import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DDIM_STEPS,
@@ -142,9 +142,25 @@ def load_control_pairs(dataset_root: str | os.PathLike, max_pairs: int | None = 
     """(control images, prompts, photos) of the first `max_pairs` pairs: (N, H, W, 3) uint8, N, (N, H, W, 3)."""
     data = ControlDataset(dataset_root, resolution=resolution)
     items = [data[index] for index in range(len(data) if max_pairs is None else min(max_pairs, len(data)))]
-    hints = np.stack([np.rint(item["hint"] * 255.0).astype(np.uint8) for item in items])
+    hints = np.stack([_control_image(item["hint"]) for item in items])
     photos = np.stack([np.rint((item["jpg"] + 1.0) * 127.5).clip(0, 255).astype(np.uint8) for item in items])
     return hints, [item["txt"] for item in items], photos
+
+
+def _control_image(hint: np.ndarray) -> np.ndarray:
+    """A hint back as its control image: uint8 RGB, or RGBA with alpha 0 where it is -1 (inpaint's mask)."""
+    rgb = np.rint(np.clip(hint, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if (hint < 0).any():
+        alpha = np.where((hint < 0).all(axis=2), 0, 255).astype(np.uint8)
+        return np.concatenate([rgb, alpha[..., None]], axis=2)
+    return rgb
+
+
+def _shown(control: np.ndarray) -> np.ndarray:
+    """A control image as RGB to look at: an RGBA (inpaint) one with its masked area black."""
+    if control.shape[2] == 4:
+        return np.where(control[..., 3:] < 128, 0, control[..., :3]).astype(np.uint8)
+    return control
 
 
 def evaluate_control_type(ckpt: str | os.PathLike, dataset_root: str | os.PathLike, record: dict, *,
@@ -167,7 +183,7 @@ def control_grid(report: ControlReport, rows: int = DEFAULT_GRID_ROWS) -> Image.
     """One row per pair: the control image, the generated image, and what it was scored against (its
     control read back, or for tile the held-out photo)."""
     count = min(rows, len(report.hints))
-    tiles = [[report.hints[i], report.generated[i], report.read_back[i]] for i in range(count)]
+    tiles = [[_shown(report.hints[i]), report.generated[i], report.read_back[i]] for i in range(count)]
     height, width = tiles[0][0].shape[:2]
     step_y, step_x = height + GRID_PADDING, width + GRID_PADDING
     grid = np.full((count * step_y + GRID_PADDING, 3 * step_x + GRID_PADDING, 3), 255, dtype=np.uint8)
@@ -192,7 +208,7 @@ def _main_control_type(args: argparse.Namespace, record: dict, device: str) -> i
     grid.parent.mkdir(parents=True, exist_ok=True)
     control_grid(report, args.grid_rows).save(grid)
     print(f"{args.ckpt}: {report.summary()}")
-    reference = "held-out photo" if report.metric == "ssim" else f"generated image's {report.control}"
+    reference = "held-out photo" if report.metric in PHOTO_METRICS else f"generated image's {report.control}"
     print(f"grid (control | generated | {reference}): {grid}")
     if args.json:
         scores = {"control": report.control, "metric": report.metric, "score": report.score,

@@ -30,6 +30,7 @@ from cldm.hint import control_from_map, control_from_photo, control_from_record,
 from cldm.inference_loading import control_record_of, load_for_inference
 from cldm.sampling import control_scales, sample_images
 from common.cli import available_device, non_negative_float, positive_int
+from dataset import MASKED_CONTROL
 from ldm.checkpoint import CheckpointError
 
 A_PROMPT = "best quality, extremely detailed"
@@ -200,6 +201,16 @@ def control_for_photo(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return control_from_photo(photo, args.resolution, thresholds)
 
 
+def control_for_map(args: argparse.Namespace, pixels: np.ndarray) -> np.ndarray:
+    """--hint's control image; for an inpaint checkpoint an RGBA file keeps its mask (transparent = to fill)."""
+    record = control_record_of(args.ckpt)
+    if record is not None and record.get("name") == MASKED_CONTROL:
+        with Image.open(args.hint) as image:
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                return control_from_map(np.asarray(image.convert("RGBA")), args.resolution, keep_alpha=True)
+    return control_from_map(pixels, args.resolution)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.image:
             control = control_for_photo(parser, args, pixels)
         else:
-            control = control_from_map(pixels, args.resolution)
+            control = control_for_map(args, pixels)
         model, lines = load_for_inference(args.ckpt, args.config, args.sd_ckpt)
     except UnreadableImageError as err:
         print(f"error: {source}: {err}", file=sys.stderr)

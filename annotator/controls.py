@@ -17,6 +17,8 @@ The types follow ControlNet 1.1's preparation (docs/control_types.md has the fac
   at 512 px (1.1's synthesized scribbles span that range).
 - tile: the photo blurred and downsampled: `level` rounds of Gaussian noise and pyrDown, then pyrUp back
   with noise again (1.1's DownSampleDetector), so the ControlNet learns to add the detail.
+- inpaint: the photo with random masks (rectangles and brush strokes), stored as an RGBA PNG with alpha 0
+  where masked; its hint is the photo in [0, 1] with -1 where masked, ControlNet 1.1's inpaint convention.
 - depth / normal: see annotator.depth; seg: annotator.segmentation; softedge: annotator.hed. Each runs a
   model (`annotator.models.load_annotator`).
 """
@@ -91,6 +93,16 @@ class TileSettings:
             raise ValueError(f"noise must be 0 or more, got {self.noise}")
 
 
+@dataclass(frozen=True)
+class InpaintSettings:
+    max_shapes: int = 4  # each mask is 1 to max_shapes rectangles and brush strokes
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_shapes <= 16:
+            raise ValueError(f"max_shapes must be from 1 to 16, got {self.max_shapes}")
+
+
 # ---- weight-free annotators -------------------------------------------------------------------------------
 def canny_control(photo: np.ndarray, settings: CannySettings, key: str) -> np.ndarray:
     thresholds = random_thresholds(settings.seed, key) if settings.random else CannyThresholds(settings.low,
@@ -128,6 +140,44 @@ def tile_control(photo: np.ndarray, settings: TileSettings, key: str) -> np.ndar
     if image.shape[:2] != (height, width):  # odd sizes do not come back exactly
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def inpaint_mask(height: int, width: int, settings: InpaintSettings, key: str) -> np.ndarray:
+    """HW bool, True where the photo is to be repainted: 1 to max_shapes random rectangles and thick brush
+    strokes (ControlNet 1.1 trained on random masks and on optical-flow occlusion masks; only the first here)."""
+    rng = key_rng(settings.seed, key)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    side = min(height, width)
+    for _ in range(int(rng.integers(1, settings.max_shapes, endpoint=True))):
+        if rng.random() < 0.5:
+            h, w = (int(rng.uniform(0.1, 0.5) * extent) + 1 for extent in (height, width))
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            mask[top:top + h, left:left + w] = 1
+        else:
+            points = np.stack([rng.uniform(0, width, 4), rng.uniform(0, height, 4)], axis=1).astype(np.int32)
+            thickness = max(1, int(rng.uniform(0.04, 0.12) * side))
+            cv2.polylines(mask, [points], False, 1, thickness=thickness)
+    return mask.astype(bool)
+
+
+def inpaint_control(photo: np.ndarray, settings: InpaintSettings, key: str) -> np.ndarray:
+    """HWC4 uint8: the photo, with alpha 0 where it is masked (the pixels the ControlNet is told to fill).
+    As a hint this becomes ControlNet 1.1's inpaint convention: the photo in [0, 1], -1 where masked
+    (`hint_values`)."""
+    alpha = np.where(inpaint_mask(*photo.shape[:2], settings, key), 0, 255).astype(np.uint8)
+    return np.concatenate([photo, alpha[..., None]], axis=2)
+
+
+def hint_values(control: np.ndarray) -> np.ndarray:
+    """A control image -> the ControlNet's hint, float32 HWC3: RGB / 255 in [0, 1]; an RGBA control (inpaint)
+    gives -1 where its alpha is below half (masked), as ControlNet 1.1's inpaint model reads it."""
+    if control.ndim == 3 and control.shape[2] == 4:
+        hint = control[..., :3].astype(np.float32) / 255.0
+        hint[control[..., 3] < 128] = -1.0
+        return hint
+    if control.ndim == 2:
+        control = np.repeat(control[..., None], 3, axis=2)
+    return control.astype(np.float32) / 255.0
 
 
 # ---- the registry -----------------------------------------------------------------------------------------
@@ -208,6 +258,8 @@ CONTROL_TYPES: dict[str, ControlType] = {
         ControlType("scribble", ScribbleSettings, "thick simplified strokes (white on black)", "scribble-f1",
                     scribble_control),
         ControlType("tile", TileSettings, "the photo blurred and downsampled", "ssim", tile_control),
+        ControlType("inpaint", InpaintSettings, "the photo with random masked areas (transparent; -1 in the hint)",
+                    "inpaint-ssim", inpaint_control),
         _model_type("depth", DepthSettings, "relative depth, near is bright (a transformers depth model)",
                     "depth-rmse", "Intel/dpt-hybrid-midas"),
         _model_type("normal", NormalSettings, "surface normals derived from depth, as ControlNet 1.0 made them",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from annotator.canny import CannyThresholds, canny
-from annotator.controls import INFERENCE_KEY, ControlType
+from annotator.controls import INFERENCE_KEY, ControlType, hint_values
 from annotator.util import HWC3, SIZE_MULTIPLE, resize_image
 
 
@@ -36,20 +36,25 @@ def control_from_record(photo: np.ndarray, resolution: int, control: ControlType
         from annotator.models import load_annotator  # transformers: only for the model-based types
 
         return HWC3(load_annotator(control, settings, model, device)([image])[0])
-    return HWC3(control.annotate(image, settings, INFERENCE_KEY))
+    made = control.annotate(image, settings, INFERENCE_KEY)
+    return made if made.ndim == 3 and made.shape[2] == 4 else HWC3(made)  # inpaint keeps its mask (alpha)
 
 
-def control_from_map(edge_map: np.ndarray, resolution: int) -> np.ndarray:
-    """A given control image (e.g. an edge map), resized like a photo. Returns HWC uint8."""
+def control_from_map(edge_map: np.ndarray, resolution: int, keep_alpha: bool = False) -> np.ndarray:
+    """A given control image (e.g. an edge map), resized like a photo. Returns HWC uint8; with keep_alpha an
+    RGBA image stays RGBA (an inpaint control: transparent = masked), else alpha is composited onto white."""
+    if keep_alpha and edge_map.ndim == 3 and edge_map.shape[2] == 4:
+        return resize_image(edge_map, resolution)
     return resize_image(HWC3(edge_map), resolution)
 
 
 def hint_tensor(control: np.ndarray, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """HWC uint8 control image -> (batch_size, 3, H, W) float32 in [0, 1] on `device`."""
+    """HWC uint8 control image -> (batch_size, 3, H, W) float32 on `device`: RGB in [0, 1], and for an RGBA
+    (inpaint) control -1 where it is masked (annotator.controls.hint_values)."""
     height, width = control.shape[:2]
-    if control.ndim != 3 or control.shape[2] != 3 or control.dtype != np.uint8:
-        raise ValueError(f"control image must be HWC uint8 RGB, got shape {control.shape} {control.dtype}")
+    if control.ndim != 3 or control.shape[2] not in (3, 4) or control.dtype != np.uint8:
+        raise ValueError(f"control image must be HWC uint8 RGB or RGBA, got shape {control.shape} {control.dtype}")
     if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
         raise ValueError(f"control image sides must be multiples of {SIZE_MULTIPLE}, got {width}x{height}")
-    hint = torch.from_numpy(np.ascontiguousarray(control)).to(device=device, dtype=torch.float32) / 255.0
+    hint = torch.from_numpy(hint_values(control)).to(device=device)
     return hint.permute(2, 0, 1)[None].expand(batch_size, -1, -1, -1).contiguous()

@@ -5,6 +5,7 @@ from dataset.control_dataset import (
     CONTROL_FILE,
     ENTRY_KEYS,
     HINT_RANGE,
+    MASKED_CONTROL,
     PROMPT_FILE,
     SOURCE_DIR,
     SOURCE_SUFFIX,
@@ -20,7 +21,7 @@ from dataset.control_dataset import (
 )
 
 __all__ = [
-    "CONTROL_FILE", "ENTRY_KEYS", "HINT_RANGE", "PROMPT_FILE", "SOURCE_DIR", "SOURCE_SUFFIX", "TARGET_DIR",
-    "TARGET_RANGE", "TARGET_SUFFIX", "ControlDataset", "DatasetError", "PromptEntry", "read_control_record",
-    "read_prompt_file", "resolve_inside",
+    "CONTROL_FILE", "ENTRY_KEYS", "HINT_RANGE", "MASKED_CONTROL", "PROMPT_FILE", "SOURCE_DIR", "SOURCE_SUFFIX",
+    "TARGET_DIR", "TARGET_RANGE", "TARGET_SUFFIX", "ControlDataset", "DatasetError", "PromptEntry",
+    "read_control_record", "read_prompt_file", "resolve_inside",
 ]

@@ -12,7 +12,8 @@ Paths in prompt.json are relative to ROOT with "/" separators and must stay insi
 An item is `dict(jpg=target, txt=prompt, hint=source)`:
 
     jpg   float32 (H, W, 3) RGB in [-1, 1]   what the diffusion model learns to produce
-    hint  float32 (H, W, 3) RGB in [0, 1]    the control image
+    hint  float32 (H, W, 3) RGB in [0, 1]    the control image (inpaint: -1 where masked, ControlNet 1.1's
+                                             convention; its PNG holds the mask as alpha 0)
     txt   str                                the pair's prompt
 
 HWC, as in the original: the LightningModule moves channels first itself.
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from annotator.controls import hint_values
 from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import resize_and_crop
 
@@ -36,6 +38,7 @@ PROMPT_FILE = "prompt.json"
 # How the control images were made: {"name", "settings", "model"} (annotator.controls); a dataset without
 # it was made before other types existed and holds Canny edges.
 CONTROL_FILE = "control.json"
+MASKED_CONTROL = "inpaint"  # the control type whose images hold a mask in their alpha channel
 SOURCE_DIR = "source"
 TARGET_DIR = "target"
 SOURCE_SUFFIX = ".png"
@@ -173,11 +176,6 @@ def _target_values(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / (UINT8_MAX / 2) - 1.0
 
 
-def _hint_values(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [0, 1], the range of control images."""
-    return pixels.astype(np.float32) / UINT8_MAX
-
-
 class SkipsUnreadablePairs(Dataset):
     """A dataset of pairs (`self.entries`, read by `_item(index)`, which raises UnreadableImageError or
     DatasetError for a pair it cannot read) where an unreadable pair's place is taken by the next readable
@@ -258,6 +256,8 @@ class ControlDataset(SkipsUnreadablePairs):
         self.epoch = 0
         self.entries = read_prompt_file(self.root)
         self._init_skips()
+        # Inpaint controls carry their mask in alpha (annotator.controls.hint_values turns it into -1).
+        self._masked_controls = (read_control_record(self.root) or {}).get("name") == MASKED_CONTROL
         if resolution is None:
             self._check_one_size()
 
@@ -267,18 +267,18 @@ class ControlDataset(SkipsUnreadablePairs):
 
     def _item(self, index: int) -> dict[str, np.ndarray | str]:
         entry = self.entries[index]
-        target, source = self._read(entry.target), self._read(entry.source)
-        if target.shape != source.shape:
+        target, source = self._read(entry.target), self._read_control(entry.source)
+        if target.shape[:2] != source.shape[:2]:
             raise _size_mismatch(entry, source.shape[1::-1], target.shape[1::-1])
         offset = self._crop_offset(index)
         return dict(jpg=_target_values(self._fit(target, offset)), txt=entry.prompt,
-                    hint=_hint_values(self._fit(source, offset)))
+                    hint=hint_values(self._fit(source, offset)))
 
     def hint(self, index: int) -> np.ndarray:
         """Item `index`'s "hint" alone, reading only the control image: float32 (H, W, 3) in [0, 1], the
         crop __getitem__ cuts (a random one repeats only with a seed). For training from cached target
         latents (trainer.latent_cache), which never reads the photos."""
-        return _hint_values(self._fit(self._read(self.entries[index].source), self._crop_offset(index)))
+        return hint_values(self._fit(self._read_control(self.entries[index].source), self._crop_offset(index)))
 
     def target(self, index: int) -> np.ndarray:
         """Item `index`'s "jpg" alone, reading only the photo: float32 (H, W, 3) in [-1, 1], the crop
@@ -292,6 +292,16 @@ class ControlDataset(SkipsUnreadablePairs):
             return read_image_rgb(self.root / relative, max_pixels=None).pixels
         except UnreadableImageError as err:
             raise UnreadableImageError(f"{relative}: {err}") from err
+
+    def _read_control(self, relative: str) -> np.ndarray:
+        """A control image: uint8 (H, W, 3), or (H, W, 4) with its mask in alpha for an inpaint dataset."""
+        if not self._masked_controls:
+            return self._read(relative)
+        try:
+            with Image.open(self.root / relative) as image:
+                return np.asarray(image.convert("RGBA"))
+        except (OSError, ValueError) as err:
+            raise UnreadableImageError(f"{relative}: cannot read the masked control image: {err}") from err
 
     def _fit(self, pixels: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
         """uint8 (H, W, 3) scaled and cropped to the resolution at `offset` (unchanged without one)."""

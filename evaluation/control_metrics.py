@@ -7,7 +7,8 @@ scores): depth by the RMSE of the two depth maps in [0, 1] (lower is better, as 
 depth); normal by the mean angle between the normals in degrees (lower is better); scribble by the SSIM of
 the stroke maps (scribbles are thick and drawn with a random width, so a pixel F1 would mostly measure the
 width). Tile has no such cycle: its control is the photo degraded, so the generated image is scored by its
-SSIM with the held-out photo itself (grey, in [0, 1]; higher is better) - what a tile ControlNet is for.
+SSIM with the held-out photo itself (grey, in [0, 1]; higher is better) - what a tile ControlNet is for;
+inpaint likewise (the photo with its masked areas filled in should be the photo).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from evaluation.fidelity import (
     generate_for_pairs,
 )
 
+# Scored against the held-out photo rather than the generated image's control read back.
+PHOTO_METRICS = ("ssim", "inpaint-ssim")
 # metric name -> whether a higher score is better
-METRICS = {"ssim": True, "scribble-ssim": True, "softedge-ssim": True, "depth-rmse": False, "normal-angle": False,
-           "seg-miou": True}
-METRIC_OF_TYPE = {"tile": "ssim", "scribble": "scribble-ssim", "softedge": "softedge-ssim", "depth": "depth-rmse",
-                  "normal": "normal-angle", "seg": "seg-miou"}
+METRICS = {"ssim": True, "inpaint-ssim": True, "scribble-ssim": True, "softedge-ssim": True,
+           "depth-rmse": False, "normal-angle": False, "seg-miou": True}
+METRIC_OF_TYPE = {"tile": "ssim", "inpaint": "inpaint-ssim", "scribble": "scribble-ssim",
+                  "softedge": "softedge-ssim", "depth": "depth-rmse", "normal": "normal-angle", "seg": "seg-miou"}
 
 
 @dataclass
@@ -97,7 +100,7 @@ def mean_iou(predicted: Sequence[np.ndarray], target: Sequence[np.ndarray]) -> f
 def score(metric: str, read_back: np.ndarray, reference: np.ndarray) -> float:
     """One pair's score: read_back (the generated image annotated again, or for tile the generated image)
     against reference (the control image, or for tile the photo); both HWC uint8 of one size."""
-    if metric in ("ssim", "scribble-ssim", "softedge-ssim"):
+    if metric in ("ssim", "inpaint-ssim", "scribble-ssim", "softedge-ssim"):
         return ssim(_grey(read_back), _grey(reference))
     if metric == "depth-rmse":
         difference = _grey(read_back).astype(np.float64) / 255.0 - _grey(reference).astype(np.float64) / 255.0
@@ -136,9 +139,9 @@ def control_type_fidelity(model: torch.nn.Module, control: ControlType, settings
     generated = generate_for_pairs(model, hints, prompts, ddim_steps=ddim_steps, guidance_scale=guidance_scale,
                                    batch_size=batch_size, seed=seed, control_scales=control_scales,
                                    progress=progress)
-    if metric == "ssim":
+    if metric in PHOTO_METRICS:
         if photos is None:
-            raise ValueError("the tile metric compares with the held-out photos: pass `photos`")
+            raise ValueError(f"the {control.name} metric compares with the held-out photos: pass `photos`")
         references, readings = photos, generated
         shown = photos
     else:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annotator.canny import CannyThresholds, canny
+from annotator.controls import hint_values
 from cldm.sampling import latent_shape, sample_images
 from evaluation.edge_metrics import EdgeCounts, edge_counts, edge_ssim
 
@@ -53,9 +54,9 @@ class FidelityReport:
                 f"F1 within {self.tolerance}px {self.f1_tolerant:.3f}, edge SSIM {self.ssim:.3f}")
 
 
-def _hint_tensor(edge_maps: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(edge_maps)).permute(0, 3, 1, 2).float() / 255.0
+def _hint_tensor(controls: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3 or 4) uint8 -> (B, 3, H, W) float: [0, 1], and -1 where an RGBA (inpaint) control is masked."""
+    return torch.from_numpy(np.stack([hint_values(control) for control in controls])).permute(0, 3, 1, 2)
 
 
 def _as_rgb_edges(edge_map: np.ndarray) -> np.ndarray:

@@ -316,3 +316,31 @@ def test_loading_a_transformers_model_leaves_torchs_meta_device_working(tiny_dep
     result = subprocess.run([sys.executable, "-c", probe, str(tiny_depth_model)], capture_output=True, text=True,
                             timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip().splitlines()[-1] == "meta", result.stderr[-2000:]
+
+
+def test_inpaint_hints_are_the_photo_with_minus_one_where_masked(photos, tmp_path):
+    # ControlNet 1.1's inpaint convention: the control is the photo in [0, 1] and -1 on the pixels to fill.
+    data = tmp_path / "data"
+    assert build(photos, data, "--control", "inpaint") == 0
+    item = ControlDataset(data, resolution=IMAGE_SIZE)[0]
+    hint, target = item["hint"], (item["jpg"] + 1.0) / 2.0
+    masked = (hint == -1.0).all(axis=2)
+    assert 0 < masked.mean() < 1
+    assert ((hint >= 0) | masked[..., None]).all()
+    assert np.abs(hint[~masked] - target[~masked]).max() < 0.08  # the photo itself (JPEG vs PNG copy)
+    from cldm.hint import hint_tensor
+
+    rgba = np.asarray(Image.open(data / "source" / "p0.png"))
+    assert rgba.shape[2] == 4
+    tensor = hint_tensor(rgba, batch_size=2)
+    assert tensor.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and tensor.min() == -1.0
+
+
+def test_inpaint_masks_are_fixed_by_key_and_vary_between_photos():
+    from annotator.controls import InpaintSettings, inpaint_mask
+
+    first = inpaint_mask(64, 96, InpaintSettings(), "a")
+    assert np.array_equal(first, inpaint_mask(64, 96, InpaintSettings(), "a"))
+    assert not np.array_equal(first, inpaint_mask(64, 96, InpaintSettings(), "b"))
+    coverage = [inpaint_mask(128, 128, InpaintSettings(), str(key)).mean() for key in range(20)]
+    assert 0.02 < np.mean(coverage) < 0.7
