@@ -41,6 +41,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf.errors import OmegaConfBaseException
 
+from annotator.controls import ControlSettingsError, parse_control_record
 from cldm.inference_loading import DEFAULT_CONFIG, load_base_and_control
 from cldm.model import load_config
 from common.cli import non_negative_int, positive_float, positive_int
@@ -542,6 +543,8 @@ def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -
         # The dataset first: a bad prompt.json should not wait for a 1.4 B-parameter model to load.
         dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop,
                                  seed=args.seed)
+        control, _, _ = parse_control_record(read_control_record(args.data))
+        control.check_model_config(load_config(args.config)["model"], str(args.config))
         if len(dataset) < args.batch_size * trainer.world_size:
             print(f"error: --batch-size {args.batch_size}: {args.data} has {len(dataset)} pairs, fewer than one "
                   f"batch for each of {trainer.world_size} device(s)", file=sys.stderr)
@@ -555,7 +558,7 @@ def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -
             for line in checkpointing.resume_setting_changes(checkpointing.saved_hyperparameters(resume),
                                                              module.hparams):
                 print(f"resume: {line}")
-    except (checkpointing.DamagedCheckpointError, checkpointing.ResumeRefusedError) as err:
+    except (checkpointing.DamagedCheckpointError, checkpointing.ResumeRefusedError, ControlSettingsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (CheckpointError, DatasetError, FileExistsError, FileNotFoundError) as err:

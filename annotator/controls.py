@@ -17,6 +17,9 @@ The types follow ControlNet 1.1's preparation (docs/control_types.md has the fac
   at 512 px (1.1's synthesized scribbles span that range).
 - tile: the photo blurred and downsampled: `level` rounds of Gaussian noise and pyrDown, then pyrUp back
   with noise again (1.1's DownSampleDetector), so the ControlNet learns to add the detail.
+- shuffle: the photo's content moved by a smooth random flow (1.1's content shuffle); its ControlNet needs
+  global average pooling of the residuals and acts on the conditional half of guidance only (ControlLDM's
+  `global_average_pooling`, models/cldm_v15_avg_pool.yaml).
 - inpaint: the photo with random masks (rectangles and brush strokes), stored as an RGBA PNG with alpha 0
   where masked; its hint is the photo in [0, 1] with -1 where masked, ControlNet 1.1's inpaint convention.
 - depth / normal: see annotator.depth; seg: annotator.segmentation; softedge: annotator.hed. Each runs a
@@ -103,6 +106,16 @@ class InpaintSettings:
             raise ValueError(f"max_shapes must be from 1 to 16, got {self.max_shapes}")
 
 
+@dataclass(frozen=True)
+class ShuffleSettings:
+    feature: int = 256  # the random flow's feature size in pixels at a 512 px short side (ControlNet 1.1: 256)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.feature <= 1024:
+            raise ValueError(f"feature must be from 8 to 1024, got {self.feature}")
+
+
 # ---- weight-free annotators -------------------------------------------------------------------------------
 def canny_control(photo: np.ndarray, settings: CannySettings, key: str) -> np.ndarray:
     thresholds = random_thresholds(settings.seed, key) if settings.random else CannyThresholds(settings.low,
@@ -168,6 +181,27 @@ def inpaint_control(photo: np.ndarray, settings: InpaintSettings, key: str) -> n
     return np.concatenate([photo, alpha[..., None]], axis=2)
 
 
+def smooth_noise(rng: np.random.Generator, height: int, width: int, feature: int) -> np.ndarray:
+    """HW float32 in [0, 1]: uniform noise on a grid of `feature` pixels, cubic-interpolated (ControlNet
+    1.1's make_noise_disk)."""
+    coarse = rng.uniform(0.0, 1.0, ((height // feature) + 2, (width // feature) + 2)).astype(np.float32)
+    fine = cv2.resize(coarse, (width + 2 * feature, height + 2 * feature), interpolation=cv2.INTER_CUBIC)
+    fine = fine[feature:feature + height, feature:feature + width]
+    fine -= fine.min()
+    top = fine.max()
+    return fine / top if top > 0 else fine
+
+
+def shuffle_control(photo: np.ndarray, settings: ShuffleSettings, key: str) -> np.ndarray:
+    """The photo's content moved by a smooth random flow (ControlNet 1.1's content shuffle): HWC uint8."""
+    rng = key_rng(settings.seed, key)
+    height, width = photo.shape[:2]
+    feature = max(1, round(settings.feature * min(height, width) / SCRIBBLE_REFERENCE_SIDE))
+    flow_x = smooth_noise(rng, height, width, feature) * float(width - 1)
+    flow_y = smooth_noise(rng, height, width, feature) * float(height - 1)
+    return cv2.remap(photo, flow_x, flow_y, cv2.INTER_LINEAR)
+
+
 def hint_values(control: np.ndarray) -> np.ndarray:
     """A control image -> the ControlNet's hint, float32 HWC3: RGB / 255 in [0, 1]; an RGBA control (inpaint)
     gives -1 where its alpha is below half (masked), as ControlNet 1.1's inpaint model reads it."""
@@ -189,7 +223,16 @@ class ControlType:
         model-based ones have none here and are built by `load_annotator` (annotator.depth).
     metric: what evaluate.py scores a generated image with against the control image.
     model: the default annotator model (a transformers hub id or folder) of a model-based type.
+    model_options: ControlLDM parameters (the config's model.params) a ControlNet of this type needs.
     """
+
+    def check_model_config(self, model_config: Mapping[str, Any], where: str) -> None:
+        """ControlSettingsError when the model config (its `model` section) lacks what this type needs."""
+        params = model_config.get("params", {})
+        for key, value in self.model_options.items():
+            if params.get(key, False) != value:
+                raise ControlSettingsError(f"control {self.name!r} needs `{key}: {value}` in the model config "
+                                           f"{where} (ControlNet 1.1's; models/cldm_v15_avg_pool.yaml has it)")
 
     name: str
     settings_type: type
@@ -197,6 +240,8 @@ class ControlType:
     metric: str
     annotate: Callable[[np.ndarray, Any, str], np.ndarray] | None = None
     model: str | None = None
+    # ControlLDM parameters the type's ControlNet needs (shuffle: global_average_pooling, as ControlNet 1.1).
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model_based(self) -> bool:
@@ -258,6 +303,8 @@ CONTROL_TYPES: dict[str, ControlType] = {
         ControlType("scribble", ScribbleSettings, "thick simplified strokes (white on black)", "scribble-f1",
                     scribble_control),
         ControlType("tile", TileSettings, "the photo blurred and downsampled", "ssim", tile_control),
+        ControlType("shuffle", ShuffleSettings, "the photo's content reshuffled by a smooth random flow",
+                    "shuffle-colour", shuffle_control, model_options={"global_average_pooling": True}),
         ControlType("inpaint", InpaintSettings, "the photo with random masked areas (transparent; -1 in the hint)",
                     "inpaint-ssim", inpaint_control),
         _model_type("depth", DepthSettings, "relative depth, near is bright (a transformers depth model)",

@@ -111,15 +111,18 @@ class ControlLDM(LatentDiffusion):
     cond for `apply_model`: {"c_crossattn": [context (B, 77, D)], "c_concat": [hint (B, 3, H, W) in [0, 1]]
     or None}. Control strength is an argument of `apply_model` (diffusers' `conditioning_scale`); the
     `control_scales` attribute is only its default, kept for the original's scripts (all ones: training).
-    `only_mid_control` adds only the middle residual.
+    `only_mid_control` adds only the middle residual. `global_average_pooling` (ControlNet 1.1's, for its
+    shuffle model) adds each residual's mean over height and width instead of the residual itself, and the
+    control then belongs on the conditional half of classifier-free guidance only (cldm.sampling does so).
     """
 
     def __init__(self, control_stage_config: Mapping, control_key: str = "hint", only_mid_control: bool = False,
-                 *args, **kwargs):
+                 global_average_pooling: bool = False, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.control_model: ControlNet = instantiate_from_config(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
+        self.global_average_pooling = global_average_pooling
         self.control_scales: list[float] = [1.0] * self.control_model.num_controls
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning,
@@ -136,6 +139,8 @@ class ControlLDM(LatentDiffusion):
             return unet(x_noisy, timesteps=t, context=context, control=None,
                         only_mid_control=self.only_mid_control)
         control = self.control_model(x=x_noisy, hint=_concat(hints), timesteps=t, context=context)
+        if self.global_average_pooling:
+            control = [c.mean(dim=(2, 3), keepdim=True) for c in control]
         scales = _per_residual(self.control_scales if control_scales is None else control_scales, len(control))
         # A scale of 1 (training) costs no copy.
         control = [c if scale == 1.0 else c * scale for c, scale in zip(control, scales, strict=True)]

@@ -126,15 +126,16 @@ def conditioning_embedding_channels() -> list[int]:
     return [HINT_BLOCK_LAYOUT[0][0]] + [channels for channels, stride in HINT_BLOCK_LAYOUT if stride == 2]
 
 
-def controlnet_config(control_params: Mapping[str, Any]) -> dict[str, Any]:
+def controlnet_config(control_params: Mapping[str, Any], global_average_pooling: bool = False) -> dict[str, Any]:
     """config.json of the `ControlNetModel` equal to a `cldm.cldm.ControlNet` built from `control_params`
-    (the yaml's control_stage_config.params)."""
+    (the yaml's control_stage_config.params); global_average_pooling: the ControlLDM's (diffusers'
+    `global_pool_conditions`)."""
     return {"_class_name": CONTROLNET_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
             **_shared_config(control_params),
             "conditioning_channels": control_params["hint_channels"],
             "conditioning_embedding_out_channels": conditioning_embedding_channels(),
             "controlnet_conditioning_channel_order": "rgb",
-            "global_pool_conditions": False}
+            "global_pool_conditions": bool(global_average_pooling)}
 
 
 def unet_config(unet_params: Mapping[str, Any], sample_size: int) -> dict[str, Any]:

@@ -204,7 +204,8 @@ def _submodule_names(source: ExportSource, prefix: str, layers_per_block: int) -
 def diffusers_controlnet_plan(source: ExportSource, dtype: torch.dtype) -> tuple[FilePlan, dict[str, Any]]:
     """(weights, config.json) of the ControlNetModel folder."""
     params = source.model_config["params"]["control_stage_config"]["params"]
-    config = diffusers_format.controlnet_config(params)
+    config = diffusers_format.controlnet_config(
+        params, source.model_config["params"].get("global_average_pooling", False))
     return _renamed(source, _submodule_names(source, CONTROL_PREFIX, params["num_res_blocks"]), dtype), config
 
 

@@ -92,7 +92,9 @@ def sample_images(model: nn.Module, hints: torch.Tensor | None, prompts: Sequenc
         uncond = {"c_crossattn": [_text_context(model, negative_prompt, batch_size)]}
         if hints is not None:
             cond["c_concat"] = [hints]
-            uncond["c_concat"] = None if guess_mode else [hints]
+            # Guess mode, and a globally pooled ControlNet (ControlNet 1.1's shuffle), control the conditional
+            # half only.
+            uncond["c_concat"] = None if guess_mode or getattr(model, "global_average_pooling", False) else [hints]
         latents, _ = DDIMSampler(model).sample(
             steps, batch_size, shape, cond, eta=eta, x_T=None if noise is None else noise.to(device),
             unconditional_guidance_scale=guidance_scale, unconditional_conditioning=uncond, verbose=progress,

@@ -8,7 +8,9 @@ depth); normal by the mean angle between the normals in degrees (lower is better
 the stroke maps (scribbles are thick and drawn with a random width, so a pixel F1 would mostly measure the
 width). Tile has no such cycle: its control is the photo degraded, so the generated image is scored by its
 SSIM with the held-out photo itself (grey, in [0, 1]; higher is better) - what a tile ControlNet is for;
-inpaint likewise (the photo with its masked areas filled in should be the photo).
+inpaint likewise (the photo with its masked areas filled in should be the photo). Shuffle's ControlNet keeps
+a photo's content and style but recomposes it, so it is scored by the colour-histogram similarity of the
+generated image and the photo (1 = the same colours, in any arrangement).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from evaluation.fidelity import (
 )
 
 # Scored against the held-out photo rather than the generated image's control read back.
-PHOTO_METRICS = ("ssim", "inpaint-ssim")
+PHOTO_METRICS = ("ssim", "inpaint-ssim", "shuffle-colour")
+COLOUR_BINS = 8  # per channel, for shuffle's colour-histogram similarity
 # metric name -> whether a higher score is better
-METRICS = {"ssim": True, "inpaint-ssim": True, "scribble-ssim": True, "softedge-ssim": True,
+METRICS = {"ssim": True, "inpaint-ssim": True, "shuffle-colour": True, "scribble-ssim": True, "softedge-ssim": True,
            "depth-rmse": False, "normal-angle": False, "seg-miou": True}
-METRIC_OF_TYPE = {"tile": "ssim", "inpaint": "inpaint-ssim", "scribble": "scribble-ssim",
+METRIC_OF_TYPE = {"tile": "ssim", "inpaint": "inpaint-ssim", "shuffle": "shuffle-colour", "scribble": "scribble-ssim",
                   "softedge": "softedge-ssim", "depth": "depth-rmse", "normal": "normal-angle", "seg": "seg-miou"}
 
 
@@ -76,6 +79,18 @@ def normal_angle_degrees(predicted: np.ndarray, target: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cosine)).mean())
 
 
+def colour_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - half the L1 distance of two images' colour histograms (COLOUR_BINS per channel): 1 for the same
+    colours in any arrangement, 0 for none in common."""
+    def histogram(image: np.ndarray) -> np.ndarray:
+        codes = (image[..., :3].astype(np.int64) * COLOUR_BINS // 256)
+        flat = (codes[..., 0] * COLOUR_BINS + codes[..., 1]) * COLOUR_BINS + codes[..., 2]
+        counts = np.bincount(flat.ravel(), minlength=COLOUR_BINS ** 3).astype(np.float64)
+        return counts / counts.sum()
+
+    return float(1.0 - 0.5 * np.abs(histogram(a) - histogram(b)).sum())
+
+
 def mean_iou(predicted: Sequence[np.ndarray], target: Sequence[np.ndarray]) -> float:
     """mIoU over a set of segmentation maps drawn with the ADE20K palette: intersections and unions summed
     over all images per class, averaged over the classes present in either (as mmsegmentation's mIoU,
@@ -102,6 +117,8 @@ def score(metric: str, read_back: np.ndarray, reference: np.ndarray) -> float:
     against reference (the control image, or for tile the photo); both HWC uint8 of one size."""
     if metric in ("ssim", "inpaint-ssim", "scribble-ssim", "softedge-ssim"):
         return ssim(_grey(read_back), _grey(reference))
+    if metric == "shuffle-colour":
+        return colour_similarity(read_back, reference)
     if metric == "depth-rmse":
         difference = _grey(read_back).astype(np.float64) / 255.0 - _grey(reference).astype(np.float64) / 255.0
         return float(np.sqrt(np.mean(difference ** 2)))

@@ -56,7 +56,7 @@ class FidelityReport:
 
 def _hint_tensor(controls: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3 or 4) uint8 -> (B, 3, H, W) float: [0, 1], and -1 where an RGBA (inpaint) control is masked."""
-    return torch.from_numpy(np.stack([hint_values(control) for control in controls])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([hint_values(control) for control in controls])).permute(0, 3, 1, 2).contiguous()
 
 
 def _as_rgb_edges(edge_map: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from cldm.inference_loading import control_record_of
 from dataset import CONTROL_FILE, ControlDataset, read_control_record
 from evaluation.control_metrics import METRIC_OF_TYPE, normal_angle_degrees, score
 from tests.image_cases import photo
+from tests.reference import TINY_CONFIG
 from tests.training_helpers import IMAGE_SIZE, train_args
 
 PHOTOS = 6
@@ -238,6 +239,17 @@ def test_a_segmentation_model_given_as_depth_is_refused(tiny_segmentation_model)
 # ------------------------------------------------------------------------------------------ end to end
 
 
+def pooled_config(folder: Path) -> Path:
+    """The tiny model's config with ControlNet 1.1's global average pooling (what shuffle needs)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.global_average_pooling = True
+    path = folder / "cldm_tiny_avg_pool.yaml"
+    OmegaConf.save(config, path)
+    return path
+
+
 def build(photos: Path, output: Path, *options: str) -> int:
     return prepare_dataset.main(["--input", str(photos), "--output", str(output), "--captions-from-txt",
                                  "--workers", "0", "--resolution", str(IMAGE_SIZE), *options])
@@ -264,7 +276,8 @@ def test_each_type_builds_trains_and_infers_with_its_recorded_annotator(name, ph
     assert len(ControlDataset(data, resolution=IMAGE_SIZE)) == PHOTOS
 
     run = tmp_path / "run"
-    assert training.main(train_args(init_path, data, run, "--batch-size", "2", "--max-steps", "2")) == 0
+    config = ["--config", str(pooled_config(tmp_path))] if get_control(name).model_options else []
+    assert training.main(train_args(init_path, data, run, "--batch-size", "2", "--max-steps", "2", *config)) == 0
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert control_record_of(checkpoint) == record
 
@@ -344,3 +357,32 @@ def test_inpaint_masks_are_fixed_by_key_and_vary_between_photos():
     assert not np.array_equal(first, inpaint_mask(64, 96, InpaintSettings(), "b"))
     coverage = [inpaint_mask(128, 128, InpaintSettings(), str(key)).mean() for key in range(20)]
     assert 0.02 < np.mean(coverage) < 0.7
+
+
+def test_shuffle_needs_a_pooled_config_and_the_pooled_model_controls_the_conditional_half(photos, init_path, tmp_path,
+                                                                                            capsys):
+    import torch
+
+    from cldm.model import create_model
+    from cldm.sampling import sample_images
+
+    data = tmp_path / "data"
+    assert build(photos, data, "--control", "shuffle") == 0
+    assert training.main(train_args(init_path, data, tmp_path / "run", "--max-steps", "1")) == 2
+    assert "control 'shuffle' needs `global_average_pooling: True`" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    model = create_model(str(pooled_config(tmp_path))).eval()
+    assert model.global_average_pooling
+    hint = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    context = model.get_learned_conditioning([""])
+    residuals = []
+    model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args, kwargs: residuals.append(kwargs["control"]), with_kwargs=True)
+    model.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([10]), {"c_crossattn": [context], "c_concat": [hint]})
+    assert residuals[0] and all(c.shape[2:] == (1, 1) for c in residuals[0])  # each pooled over H and W
+    calls = []
+    model.control_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["x"].shape[0]),
+                                                  with_kwargs=True)
+    sample_images(model, hint, ["a"], steps=1, guidance_scale=3.0, noise=torch.randn(1, 4, 8, 8))
+    assert calls and all(batch == 1 for batch in calls)  # the ControlNet saw the conditional half only
