@@ -109,7 +109,7 @@ def soft_edges(network, photos: list[np.ndarray], settings: SoftEdgeSettings) ->
     results = []
     with torch.no_grad():
         for photo in photos:
-            image = torch.from_numpy(np.ascontiguousarray(photo)).to(device).float().permute(2, 0, 1)[None]
+            image = torch.tensor(photo, device=device, dtype=torch.float32).permute(2, 0, 1)[None]
             height, width = photo.shape[:2]
             projections = [torch.nn.functional.interpolate(p, size=(height, width), mode="bilinear",
                                                            align_corners=False) for p in network(image)]

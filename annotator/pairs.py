@@ -26,6 +26,7 @@ from annotator.util import SIZE_MULTIPLE, resize_and_crop
 
 # High enough that re-encoding a photo loses nothing visible; photos that need no change are copied.
 DEFAULT_JPEG_QUALITY = 95
+PNG_LEVEL = 1  # zlib level of the control PNGs (lossless at every level)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ def write_pair(job: PairJob, pixels: np.ndarray, copy_file: bool, control_image:
         shutil.copyfile(job.image_path, scratch_target)
     else:
         Image.fromarray(pixels).save(scratch_target, format="JPEG", quality=settings.jpeg_quality)
-    Image.fromarray(np.ascontiguousarray(control_image)).save(scratch_source, format="PNG")
+    # Level 1: photo-like controls (tile, shuffle, inpaint) compress 5-10x faster than at the default 6, for
+    # files about a fifth larger; edge maps stay small either way.
+    Image.fromarray(np.ascontiguousarray(control_image)).save(scratch_source, format="PNG", compress_level=PNG_LEVEL)
     os.replace(scratch_target, job.target_path)
     os.replace(scratch_source, job.source_path)
 
