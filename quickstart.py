@@ -51,7 +51,9 @@ INFERENCE_EXAMPLES = 2
 INFERENCE_SAMPLES = 4
 # Held-out pairs scored by the callback during training (the final evaluation uses all of them).
 CALLBACK_PAIRS = 8
-QUICKSTART_CONTROLS = tuple(name for name, control in CONTROL_TYPES.items() if not control.model_based)
+# The weight-free types that the toy config's ControlNet can learn (shuffle needs a pooled config).
+QUICKSTART_CONTROLS = tuple(name for name, control in CONTROL_TYPES.items()
+                            if not control.model_based and not control.model_options)
 
 
 def _run(name: str, entry, argv: list[str], **kwargs) -> None:
