@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_control_pairs(dataset_root: str | os.PathLike, max_pairs: int | None = DEFAULT_MAX_PAIRS,
-                       resolution: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(control images, prompts, photos) of the first `max_pairs` pairs: (N, H, W, 3) uint8, N, (N, H, W, 3)."""
-    data = ControlDataset(dataset_root, resolution=resolution)
+                       resolution: int | None = None, control: str | None = None
+                       ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(control images, prompts, photos) of the first `max_pairs` pairs: (N, H, W, 3) uint8, N, (N, H, W, 3).
+    control: which of the dataset's control types (None: the one it was built with)."""
+    data = ControlDataset(dataset_root, resolution=resolution, control=control)
     items = [data[index] for index in range(len(data) if max_pairs is None else min(max_pairs, len(data)))]
     hints = np.stack([_control_image(item["hint"]) for item in items])
     photos = np.stack([np.rint((item["jpg"] + 1.0) * 127.5).clip(0, 255).astype(np.uint8) for item in items])
@@ -173,7 +175,7 @@ def evaluate_control_type(ckpt: str | os.PathLike, dataset_root: str | os.PathLi
     control, settings, annotator_model = parse_control_record(record)
     model, _ = load_for_inference(ckpt, config, sd_ckpt)
     model = model.to(device)
-    hints, prompts, photos = load_control_pairs(dataset_root, max_pairs, resolution)
+    hints, prompts, photos = load_control_pairs(dataset_root, max_pairs, resolution, control.name)
     return control_type_fidelity(model, control, settings, annotator_model, hints, prompts, photos,
                                  ddim_steps=ddim_steps, guidance_scale=guidance_scale, batch_size=batch_size,
                                  seed=seed, device=device, progress=progress)

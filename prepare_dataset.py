@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 also when some files were skipped)."""
     from dataset.build import BuildConfig, BuildError, build_dataset
+    from dataset.build.add_control import add_control, first_control
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         config.control_type()
     except BuildError as err:
         parser.error(str(err))
+    first = first_control(args.output)
+    if first is not None and first != args.control:
+        # A finished dataset of another control type: add this type's images beside it.
+        print(f"{args.output} holds a {first} dataset: adding {args.control} control images made from its "
+              f"photos (--input is not read)")
+        try:
+            print(add_control(config).describe())
+        except BuildError as err:
+            print(f"prepare_dataset: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         summary = build_dataset(config)
     except BuildError as err:

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="dataset folder with prompt.json, source/ and target/")
+    data.add_argument("--control", default=None,
+                      help="which of the dataset's control types to train on (prepare_dataset.py --control adds "
+                           "more to a dataset; default: the one it was built with)")
     data.add_argument("--resolution", type=positive_int, default=DEFAULT_RESOLUTION,
                       help="short side scaled to this, then centre-cropped square (multiple of 64)")
     data.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=False,
@@ -403,7 +406,7 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
         optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile, config=str(args.config),
         init=args.init,
-        init_control=args.init_control, data=str(args.data), control=read_control_record(args.data),
+        init_control=args.init_control, data=str(args.data), control=read_control_record(args.data, args.control),
         resolution=args.resolution,
         batch_size=args.batch_size, precision=precision, accumulate_grad_batches=args.accumulate_grad_batches,
         cache_latents=args.cache_latents)
@@ -542,8 +545,8 @@ def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -
         resume = resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
         # The dataset first: a bad prompt.json should not wait for a 1.4 B-parameter model to load.
         dataset = ControlDataset(args.data, resolution=args.resolution, random_crop=args.random_crop,
-                                 seed=args.seed)
-        control, _, _ = parse_control_record(read_control_record(args.data))
+                                 seed=args.seed, control=args.control)
+        control, _, _ = parse_control_record(dataset.control_record)
         control.check_model_config(load_config(args.config)["model"], str(args.config))
         if len(dataset) < args.batch_size * trainer.world_size:
             print(f"error: --batch-size {args.batch_size}: {args.data} has {len(dataset)} pairs, fewer than one "

@@ -38,6 +38,7 @@ PROMPT_FILE = "prompt.json"
 # How the control images were made: {"name", "settings", "model"} (annotator.controls); a dataset without
 # it was made before other types existed and holds Canny edges.
 CONTROL_FILE = "control.json"
+EXTRA_CONTROLS_KEY = "also"  # CONTROL_FILE's {type: record + "folder"} of control types added later
 MASKED_CONTROL = "inpaint"  # the control type whose images hold a mask in their alpha channel
 SOURCE_DIR = "source"
 TARGET_DIR = "target"
@@ -52,8 +53,7 @@ MAX_LISTED_MISSING = 20
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def read_control_record(root: str | Path) -> dict | None:
-    """The dataset's control record (CONTROL_FILE), or None when it has none (a Canny dataset)."""
+def read_control_file(root: str | Path) -> dict | None:
     path = Path(root) / CONTROL_FILE
     if not path.is_file():
         return None
@@ -64,6 +64,38 @@ def read_control_record(root: str | Path) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
         raise DatasetError(f"{path} holds no control record ({{\"name\": ..., \"settings\": ...}})")
     return record
+
+
+def dataset_controls(root: str | Path) -> dict[str, str]:
+    """{control type: folder of its control images} of a dataset: its first type in `source/` (Canny for
+    a dataset without CONTROL_FILE), then the ones added later (EXTRA_CONTROLS_KEY)."""
+    record = read_control_file(root)
+    if record is None:
+        return {"canny": SOURCE_DIR}
+    return {record["name"]: SOURCE_DIR,
+            **{name: extra["folder"] for name, extra in record.get(EXTRA_CONTROLS_KEY, {}).items()}}
+
+
+def read_control_record(root: str | Path, control: str | None = None) -> dict | None:
+    """How the dataset's control images of type `control` (None: its first type, in source/) were made:
+    {"name", "settings", "model"} from CONTROL_FILE; None for a dataset without the file (Canny). A type the
+    dataset does not hold is a DatasetError naming the ones it does."""
+    record = read_control_file(root)
+    first = "canny" if record is None else record["name"]
+    if control is None or control == first:
+        return None if record is None else {key: value for key, value in record.items()
+                                            if key != EXTRA_CONTROLS_KEY}
+    extras = {} if record is None else record.get(EXTRA_CONTROLS_KEY, {})
+    if control not in extras:
+        raise DatasetError(f"{root} holds no {control} control images (it has: {', '.join(dataset_controls(root))}); "
+                           f"add them with prepare_dataset.py --control {control} --output {root}")
+    return {key: value for key, value in extras[control].items() if key != "folder"}
+
+
+def control_source(source: str, folder: str) -> str:
+    """An entry's control image path in another control type's folder: source/NAME.png -> FOLDER/NAME.png."""
+    parts = PurePosixPath(source).parts
+    return str(PurePosixPath(folder, *parts[1:])) if len(parts) > 1 else f"{folder}/{source}"
 
 
 class DatasetError(ValueError):
@@ -238,6 +270,7 @@ class ControlDataset(SkipsUnreadablePairs):
     prompt: ControlNetTrainer replaces prompts by '' itself (prompt_dropout), also for cached batches.
     seed: None draws from torch's RNG (which DataLoader seeds per worker and per epoch); an int makes the
     draws of item i a function of (seed, epoch, i), where `set_epoch` sets the epoch.
+    control: which of the dataset's control types to read (`dataset_controls`; None: its first, in source/).
     """
 
     def __init__(
@@ -246,6 +279,7 @@ class ControlDataset(SkipsUnreadablePairs):
         resolution: int | None = 512,
         random_crop: bool = False,
         seed: int | None = None,
+        control: str | None = None,
     ) -> None:
         if resolution is not None and resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels or None, got {resolution}")
@@ -255,9 +289,15 @@ class ControlDataset(SkipsUnreadablePairs):
         self.seed = seed
         self.epoch = 0
         self.entries = read_prompt_file(self.root)
+        # The control type to read (None: the dataset's first, in source/); its record says how it was made.
+        self.control_record = read_control_record(self.root, control)
+        self.control = "canny" if self.control_record is None else self.control_record["name"]
+        folder = dataset_controls(self.root)[self.control]
+        if folder != SOURCE_DIR:
+            self.entries = [PromptEntry(control_source(e.source, folder), e.target, e.prompt) for e in self.entries]
         self._init_skips()
         # Inpaint controls carry their mask in alpha (annotator.controls.hint_values turns it into -1).
-        self._masked_controls = (read_control_record(self.root) or {}).get("name") == MASKED_CONTROL
+        self._masked_controls = self.control == MASKED_CONTROL
         if resolution is None:
             self._check_one_size()
 

@@ -386,3 +386,33 @@ def test_shuffle_needs_a_pooled_config_and_the_pooled_model_controls_the_conditi
                                                   with_kwargs=True)
     sample_images(model, hint, ["a"], steps=1, guidance_scale=3.0, noise=torch.randn(1, 4, 8, 8))
     assert calls and all(batch == 1 for batch in calls)  # the ControlNet saw the conditional half only
+
+
+def test_a_dataset_holds_several_control_types(photos, init_path, tmp_path, capsys):
+    from dataset.control_dataset import dataset_controls
+
+    data = tmp_path / "data"
+    assert build(photos, data) == 0  # Canny, in source/
+    canny_sources = {path.name: path.read_bytes() for path in (data / "source").iterdir()}
+    assert build(photos, data, "--control", "tile", "--control-option", "level=2") == 0
+    assert "adding tile control images" in capsys.readouterr().out
+    assert dataset_controls(data) == {"canny": "source", "tile": "source_tile"}
+    assert {path.name: path.read_bytes() for path in (data / "source").iterdir()} == canny_sources
+    assert len(list((data / "source_tile").glob("*.png"))) == PHOTOS
+    assert read_control_record(data, "tile")["settings"]["level"] == 2
+    assert read_control_record(data) is not None and read_control_record(data)["name"] == "canny"
+    tile_items = ControlDataset(data, resolution=IMAGE_SIZE, control="tile")
+    canny_items = ControlDataset(data, resolution=IMAGE_SIZE)
+    assert tile_items[0]["txt"] == canny_items[0]["txt"] and not np.array_equal(tile_items[0]["hint"],
+                                                                                  canny_items[0]["hint"])
+    # Adding again continues (nothing to redo); rebuilding the Canny set keeps the added type listed.
+    assert build(photos, data, "--control", "tile", "--control-option", "level=2") == 0
+    assert "0 control images written, 6 there already" in capsys.readouterr().out
+    assert build(photos, data) == 0
+    assert dataset_controls(data) == {"canny": "source", "tile": "source_tile"}
+
+    run = tmp_path / "run"
+    assert training.main(train_args(init_path, data, run, "--max-steps", "1", "--control", "tile")) == 0
+    assert control_record_of(run / "checkpoints" / "last.ckpt")["name"] == "tile"
+    with pytest.raises(Exception, match="holds no depth control images .*it has: canny, tile"):
+        ControlDataset(data, control="depth")

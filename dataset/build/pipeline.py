@@ -24,6 +24,7 @@ from dataset.build.inputs import fetch_input, scan_input
 from dataset.build.journal import Journal, Recorder, check_settings, is_final, read_journals
 from dataset.build.naming import pair_names
 from dataset.build.workers import auto_workers, make_pairs
+from dataset.control_dataset import EXTRA_CONTROLS_KEY, read_control_file
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,10 @@ def build_dataset(config: BuildConfig, caption_images: CaptionFunction | None = 
         folder.mkdir(parents=True, exist_ok=True)
     control = config.control_type()  # bad control settings: refused before anything is recorded
     check_settings(build_dir, config.output_settings())
-    atomic_write_text(output / CONTROL_FILE, json.dumps(config.control_record(), indent=2) + "\n")
+    # Control types added to the dataset later (dataset.build.add_control) stay listed.
+    added = (read_control_file(output) or {}).get(EXTRA_CONTROLS_KEY)
+    record = {**config.control_record(), **({EXTRA_CONTROLS_KEY: added} if added else {})}
+    atomic_write_text(output / CONTROL_FILE, json.dumps(record, indent=2) + "\n")
     input_root = fetch_input(config.input, build_dir)
     scan = scan_input(input_root, exclude=_output_inside_input(output, input_root))
     for folder in scan.excluded:
