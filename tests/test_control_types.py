@@ -416,3 +416,54 @@ def test_a_dataset_holds_several_control_types(photos, init_path, tmp_path, caps
     assert control_record_of(run / "checkpoints" / "last.ckpt")["name"] == "tile"
     with pytest.raises(Exception, match="holds no depth control images .*it has: canny, tile"):
         ControlDataset(data, control="depth")
+
+
+def test_canny_datasets_and_checkpoints_from_before_records_work_as_before(photos, tmp_path):
+    import shutil
+
+    from cldm.hint import control_from_photo
+
+    data = tmp_path / "data"
+    assert build(photos, data) == 0
+    recorded = ControlDataset(data, resolution=IMAGE_SIZE)
+    (data / CONTROL_FILE).unlink()  # a dataset built before control records
+    settings = json.loads((data / ".build" / "settings.json").read_text())
+    assert "control" not in settings  # Canny builds record no control: older builds resume unchanged
+    old = ControlDataset(data, resolution=IMAGE_SIZE)
+    assert old.control == "canny" and old.control_record is None
+    for index in range(PHOTOS):
+        assert np.array_equal(old[index]["hint"], recorded[index]["hint"])
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    assert build(photos, copy) == 0  # the same command resumes the old build, nothing redone
+    assert all((copy / "source" / p.name).read_bytes() == p.read_bytes() for p in (data / "source").iterdir())
+    # A checkpoint without a record (tool_add_control output, older training runs) is Canny 100/200.
+    control, settings_, model = parse_control_record(None)
+    pixels = read_image_rgb(photos / "p0.jpg").pixels
+    assert np.array_equal(control_from_record(pixels, IMAGE_SIZE, control, settings_, model),
+                          control_from_photo(pixels, IMAGE_SIZE))
+
+
+def test_a_model_based_build_resumes_and_only_annotates_new_photos(tiny_depth_model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(6):
+        Image.fromarray(photo(80, IMAGE_SIZE, seed=index)).save(photos / f"p{index}.jpg", quality=95)
+        (photos / f"p{index}.txt").write_text(f"photo {index}\n", encoding="utf-8")
+    later = [photos / f"p{index}.{suffix}" for index in range(3, 6) for suffix in ("jpg", "txt")]
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for path in later:
+        path.rename(hidden / path.name)
+    data = tmp_path / "data"
+    options = ["--control", "depth", "--annotator-model", str(tiny_depth_model), "--device", "cpu",
+               "--batch-size", "2"]
+    assert build(photos, data, *options) == 0
+    first = {path.name: path.stat().st_mtime_ns for path in (data / "source").iterdir()}
+    for path in hidden.iterdir():
+        path.rename(photos / path.name)
+    capsys.readouterr()
+    assert build(photos, data, *options) == 0
+    assert "6 input files in this shard, 3 done by an earlier run; this run: 3 pairs written" in capsys.readouterr().out
+    assert {name: (data / "source" / name).stat().st_mtime_ns for name in first} == first
+    assert len(list((data / "source").glob("*.png"))) == 6
