@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a setting of --control (repeatable), e.g. level=2 for tile; canny uses --canny-*")
     parser.add_argument("--annotator-model", default=None,
                         help="the model of a model-based --control (hub id, folder, file or URL): depth/normal a "
-                             "transformers depth model (default Intel/dpt-hybrid-midas), seg an ADE20K "
-                             "segmentation model (default openmmlab/upernet-convnext-small), softedge the HED "
-                             "weights (default ControlNet 1.1's ControlNetHED.pth)")
+                             "transformers depth model (default Depth Anything V2 Small / DPT-hybrid MiDaS), "
+                             "seg an ADE20K segmentation model (default openmmlab/upernet-convnext-small), "
+                             "softedge the HED weights (default ControlNet 1.1's ControlNetHED.pth)")
     parser.add_argument("--caption-model", default=defaults.caption_model,
                         help="BLIP checkpoint (.pth path or URL), transformers folder or hub id")
     parser.add_argument("--captions-from-txt", action="store_true",

@@ -307,8 +307,10 @@ CONTROL_TYPES: dict[str, ControlType] = {
                     "shuffle-colour", shuffle_control, model_options={"global_average_pooling": True}),
         ControlType("inpaint", InpaintSettings, "the photo with random masked areas (transparent; -1 in the hint)",
                     "inpaint-ssim", inpaint_control),
+        # Depth Anything V2 as the modern default; Intel/dpt-hybrid-midas is ControlNet 1.0's own.
         _model_type("depth", DepthSettings, "relative depth, near is bright (a transformers depth model)",
-                    "depth-rmse", "Intel/dpt-hybrid-midas"),
+                    "depth-rmse", "depth-anything/Depth-Anything-V2-Small-hf"),
+        # MiDaS: ControlNet 1.0's normal formula weighs its slopes against a constant tuned to MiDaS's scale.
         _model_type("normal", NormalSettings, "surface normals derived from depth, as ControlNet 1.0 made them",
                     "normal-angle", "Intel/dpt-hybrid-midas"),
         _model_type("seg", SegSettings, "ADE20K semantic segmentation in its class colours (a transformers model)",

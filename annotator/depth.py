@@ -1,9 +1,10 @@
 """Model-based control images: depth from a transformers depth-estimation model, and surface normals derived
 from that depth as ControlNet 1.0 derived them.
 
-Any model that transformers loads with AutoModelForDepthEstimation works: DPT-hybrid MiDaS
-(`Intel/dpt-hybrid-midas`, what ControlNet 1.0 used and the default here), Depth Anything
-(`depth-anything/Depth-Anything-V2-Small-hf`, a modern choice), or a local `save_pretrained` folder. These
+Any model that transformers loads with AutoModelForDepthEstimation works: Depth Anything V2
+(`depth-anything/Depth-Anything-V2-Small-hf`, the default for depth), DPT-hybrid MiDaS
+(`Intel/dpt-hybrid-midas`, what ControlNet 1.0 used, the default for normal, whose formula is tuned to its
+scale), or a local `save_pretrained` folder. These
 models predict relative inverse depth, near bright, which is what the depth ControlNets read. The weights
 download where there is internet; transformers caches them.
 
