@@ -55,15 +55,16 @@ def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-# The tile ControlNet after quickstart --fast (100 steps): SSIM with the held-out photos 0.72 against the zero
-# ControlNet's 0.59 and 0.56 with its control off (2-core Intel Xeon); the bar leaves room for other CPUs.
-TILE_MIN_GAIN = 0.05
+# The tile ControlNet after 200 steps on 400 toy photos: SSIM with the held-out photos 0.760 against the zero
+# ControlNet's 0.591 and 0.558 with its control off (AMD EPYC, 2 cores, 1.4 min); the bar is half that gain.
+TILE_MIN_GAIN = 0.08
 
 
 @pytest.mark.slow
 def test_quickstart_tile_controlnet_learns_the_layout(tmp_path):
     output = tmp_path / "quickstart-tile"
-    result = subprocess.run([sys.executable, "quickstart.py", "--output", str(output), "--control", "tile", "--fast"],
+    result = subprocess.run([sys.executable, "quickstart.py", "--output", str(output), "--control", "tile",
+                             "--steps", "200", "--train-images", "400", "--heldout-images", "16"],
                             cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scores = json.loads((output / "results.json").read_text())
