@@ -206,18 +206,23 @@ def _main_control_type(args: argparse.Namespace, record: dict, device: str) -> i
     except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    grid = Path(args.grid)
-    grid.parent.mkdir(parents=True, exist_ok=True)
-    control_grid(report, args.grid_rows).save(grid)
     print(f"{args.ckpt}: {report.summary()}")
     reference = "held-out photo" if report.metric in PHOTO_METRICS else f"generated image's {report.control}"
-    print(f"grid (control | generated | {reference}): {grid}")
+    scores = {"control": report.control, "metric": report.metric, "score": report.score,
+              "higher_is_better": report.higher_is_better, "pairs": len(report.hints)}
+    _write_results(args, control_grid(report, args.grid_rows), f"control | generated | {reference}", scores)
+    return 0
+
+
+def _write_results(args: argparse.Namespace, grid: Image.Image, columns: str, scores: dict) -> None:
+    """The comparison grid at --grid and, with --json, the scores."""
+    path = Path(args.grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    print(f"grid ({columns}): {path}")
     if args.json:
-        scores = {"control": report.control, "metric": report.metric, "score": report.score,
-                  "higher_is_better": report.higher_is_better, "pairs": len(report.hints)}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,14 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    grid = Path(args.grid)
-    grid.parent.mkdir(parents=True, exist_ok=True)
-    comparison_grid([report], args.grid_rows).save(grid)
     print(f"{args.ckpt}: {report.summary()} over {len(report.hints)} pairs")
-    print(f"grid (edge map | generated | generated's edges): {grid}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report_dict(report), indent=2) + "\n", encoding="utf-8")
+    _write_results(args, comparison_grid([report], args.grid_rows), "edge map | generated | generated's edges",
+                   report_dict(report))
     return 0
 
 

@@ -22,31 +22,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotator.controls import ControlSettingsError, NormalSettings
-from common.torch_quirks import settle_device_constructors
+from annotator.controls import NormalSettings
+from annotator.transformers_models import load_vision_model
 
 
 def load_depth_model(model: str, device: str = "cpu") -> tuple[Any, Any]:
     """(image processor, depth model in eval mode on `device`) from a hub id or a local folder. A model of
     another kind (segmentation, classification ...) is a ControlSettingsError naming it."""
-    import torch  # noqa: F401  (transformers needs it; imported here so the weight-free path stays light)
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
+    from transformers import AutoModelForDepthEstimation
 
-    settle_device_constructors()
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise ControlSettingsError(f"cannot load the depth model {model}: {err}") from err
-    try:
-        network = AutoModelForDepthEstimation.from_pretrained(model)
-    except ValueError as err:
-        kinds = ", ".join(config.architectures or [type(config).__name__])
-        raise ControlSettingsError(f"{model} is not a depth-estimation model (it is {kinds}); give a "
-                                   f"transformers depth model such as Intel/dpt-hybrid-midas") from err
-    except OSError as err:
-        raise ControlSettingsError(f"cannot load the depth model {model}: {err}") from err
-    processor = AutoImageProcessor.from_pretrained(model)
-    return processor, network.to(device).eval()
+    return load_vision_model(model, AutoModelForDepthEstimation, "depth-estimation", "Intel/dpt-hybrid-midas",
+                             device)
 
 
 def predict_depth(processor: Any, network: Any, photos: list[np.ndarray]) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from annotator.controls import ControlSettingsError
-from common.torch_quirks import settle_device_constructors
+from annotator.transformers_models import load_vision_model
 
 ADE20K_CLASSES = 150
 ADE20K_PALETTE = np.array([
@@ -48,25 +48,15 @@ ADE20K_PALETTE = np.array([
 def load_segmentation_model(model: str, device: str = "cpu") -> tuple[Any, Any]:
     """(image processor, segmentation model in eval mode on `device`). A model of another kind, or one
     without ADE20K's 150 classes, is a ControlSettingsError naming it."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
 
-    settle_device_constructors()
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise ControlSettingsError(f"cannot load the segmentation model {model}: {err}") from err
-    try:
-        network = AutoModelForSemanticSegmentation.from_pretrained(model)
-    except ValueError as err:
-        kinds = ", ".join(config.architectures or [type(config).__name__])
-        raise ControlSettingsError(f"{model} is not a semantic-segmentation model (it is {kinds}); give an "
-                                   f"ADE20K one such as openmmlab/upernet-convnext-small") from err
-    except OSError as err:
-        raise ControlSettingsError(f"cannot load the segmentation model {model}: {err}") from err
-    if network.config.num_labels != ADE20K_CLASSES:
-        raise ControlSettingsError(f"{model} has {network.config.num_labels} classes; the seg control colours "
-                                   f"ADE20K's {ADE20K_CLASSES}: give a model trained on ADE20K")
-    return AutoImageProcessor.from_pretrained(model), network.to(device).eval()
+    def ade20k_classes(network: Any) -> None:
+        if network.config.num_labels != ADE20K_CLASSES:
+            raise ControlSettingsError(f"{model} has {network.config.num_labels} classes; the seg control colours "
+                                       f"ADE20K's {ADE20K_CLASSES}: give a model trained on ADE20K")
+
+    return load_vision_model(model, AutoModelForSemanticSegmentation, "semantic-segmentation",
+                             "openmmlab/upernet-convnext-small", device, check=ade20k_classes)
 
 
 def predict_classes(processor: Any, network: Any, photos: list[np.ndarray]) -> list[np.ndarray]:

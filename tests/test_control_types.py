@@ -27,6 +27,7 @@ from annotator.controls import (
 )
 from annotator.depth import normal_image
 from annotator.models import load_annotator
+from bench.control_types import write_hed_weights, write_tiny_depth_model, write_tiny_seg_model
 from cldm.hint import control_from_record
 from cldm.inference_loading import control_record_of
 from dataset import CONTROL_FILE, ControlDataset, read_control_record
@@ -41,15 +42,7 @@ PHOTOS = 6
 @pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory) -> Path:
     """A randomly initialised DPT depth model and its image processor, as save_pretrained writes them."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-dpt")
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                       image_size=IMAGE_SIZE, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
-                       neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
-    DPTForDepthEstimation(config).eval().save_pretrained(folder)
-    DPTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
-    return folder
+    return write_tiny_depth_model(tmp_path_factory.mktemp("tiny-dpt"))
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +59,7 @@ def tiny_segmentation_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_ade_model(tmp_path_factory) -> Path:
     """A tiny random SegFormer with ADE20K's 150 classes and its image processor (save_pretrained)."""
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-ade")
-    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                             num_attention_heads=[1, 1], decoder_hidden_size=16, num_labels=150)
-    SegformerForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
-    return folder
+    return write_tiny_seg_model(tmp_path_factory.mktemp("tiny-ade"))
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +67,8 @@ def hed_weights(tmp_path_factory) -> Path:
     """Random weights in the released ControlNetHED.pth layout (a plain state dict saved by torch.save)."""
     import torch
 
-    from annotator.hed import build_hed
-
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hed") / "ControlNetHED.pth"
-    torch.save(build_hed().state_dict(), path)
-    return path
+    return write_hed_weights(tmp_path_factory.mktemp("hed") / "ControlNetHED.pth")
 
 
 @pytest.fixture(scope="module")
