@@ -196,24 +196,6 @@ def control_grid(report: ControlReport, rows: int = DEFAULT_GRID_ROWS) -> Image.
     return Image.fromarray(grid)
 
 
-def _main_control_type(args: argparse.Namespace, record: dict, device: str) -> int:
-    try:
-        report = evaluate_control_type(
-            args.ckpt, args.dataset, record, config=args.config, sd_ckpt=args.sd_ckpt,
-            max_pairs=args.max_pairs or None, resolution=args.resolution, ddim_steps=args.steps,
-            guidance_scale=args.scale, batch_size=args.batch_size, seed=args.seed, device=device,
-            progress=not args.quiet)
-    except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{args.ckpt}: {report.summary()}")
-    reference = "held-out photo" if report.metric in PHOTO_METRICS else f"generated image's {report.control}"
-    scores = {"control": report.control, "metric": report.metric, "score": report.score,
-              "higher_is_better": report.higher_is_better, "pairs": len(report.hints)}
-    _write_results(args, control_grid(report, args.grid_rows), f"control | generated | {reference}", scores)
-    return 0
-
-
 def _write_results(args: argparse.Namespace, grid: Image.Image, columns: str, scores: dict) -> None:
     """The comparison grid at --grid and, with --json, the scores."""
     path = Path(args.grid)
@@ -228,26 +210,30 @@ def _write_results(args: argparse.Namespace, grid: Image.Image, columns: str, sc
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    common = dict(config=args.config, sd_ckpt=args.sd_ckpt, max_pairs=args.max_pairs or None,
+                  resolution=args.resolution, ddim_steps=args.steps, guidance_scale=args.scale,
+                  batch_size=args.batch_size, seed=args.seed, device=device, progress=not args.quiet)
     try:
+        # The checkpoint's control type (the dataset's for a file without a record, e.g. a zero ControlNet).
         record = control_record_of(args.ckpt) or read_control_record(args.dataset)
-    except (FileNotFoundError, CheckpointError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if record is not None and record.get("name") != DEFAULT_CONTROL:
-        return _main_control_type(args, record, device)
-    try:
-        thresholds = CannyThresholds(args.canny_low, args.canny_high)
-        report = evaluate_checkpoint(
-            args.ckpt, args.dataset, config=args.config, sd_ckpt=args.sd_ckpt, max_pairs=args.max_pairs or None,
-            resolution=args.resolution, thresholds=thresholds, tolerance=args.tolerance, ddim_steps=args.steps,
-            guidance_scale=args.scale, batch_size=args.batch_size, seed=args.seed, device=device,
-            progress=not args.quiet)
+        if record is not None and record.get("name") != DEFAULT_CONTROL:
+            report = evaluate_control_type(args.ckpt, args.dataset, record, **common)
+        else:
+            report = evaluate_checkpoint(args.ckpt, args.dataset, tolerance=args.tolerance,
+                                         thresholds=CannyThresholds(args.canny_low, args.canny_high), **common)
     except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.ckpt}: {report.summary()} over {len(report.hints)} pairs")
-    _write_results(args, comparison_grid([report], args.grid_rows), "edge map | generated | generated's edges",
-                   report_dict(report))
+    if isinstance(report, ControlReport):
+        print(f"{args.ckpt}: {report.summary()}")
+        reference = "held-out photo" if report.metric in PHOTO_METRICS else f"generated image's {report.control}"
+        scores = {"control": report.control, "metric": report.metric, "score": report.score,
+                  "higher_is_better": report.higher_is_better, "pairs": len(report.hints)}
+        _write_results(args, control_grid(report, args.grid_rows), f"control | generated | {reference}", scores)
+    else:
+        print(f"{args.ckpt}: {report.summary()} over {len(report.hints)} pairs")
+        _write_results(args, comparison_grid([report], args.grid_rows), "edge map | generated | generated's edges",
+                       report_dict(report))
     return 0
 
 
