@@ -156,21 +156,16 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
     homes = [next(encoder.parameters()).device for encoder in encoders]
     for encoder in encoders:
         encoder.to(device)
+    reasons: list[str] = []  # per row: "" or why its photo could not be read
     try:
-        unreadable: dict[int, str] = {}
 
         def encode_targets(batch: tuple[torch.Tensor, list[str]]) -> torch.Tensor:
-            targets, reasons = batch
-            first = sum(len(rows) for rows in encoded_rows)
-            for offset, reason in enumerate(reasons):
-                if reason:
-                    unreadable[first + offset] = reason
-                    print(f"warning: latent cache: left out {reason}", flush=True)
-            encoded_rows.append(reasons)
+            targets, batch_reasons = batch
+            for reason in filter(None, batch_reasons):
+                print(f"warning: latent cache: left out {reason}", flush=True)
+            reasons.extend(batch_reasons)
             # As ControlNetTrainer.target_posterior encodes them: the same layout gives the same numbers.
             return model.encode_first_stage(channels_first(targets, device)).parameters
-
-        encoded_rows: list[list[str]] = []
 
         loader = DataLoader(_Targets(pairs), batch_size=batch_size, shuffle=False, **loader_options)
         _write_rows(cache_dir / POSTERIOR_FILE, len(pairs), loader, "targets", encode_targets, precision_context,
@@ -182,7 +177,7 @@ def build_latent_cache(cache_dir: Path, pairs: ControlDataset, model: nn.Module,
         for encoder, home in zip(encoders, homes, strict=True):
             encoder.to(home)
     temporary = cache_dir / (FINGERPRINT_FILE + ".tmp")
-    record = {**fingerprint, UNREADABLE_KEY: {str(index): reason for index, reason in sorted(unreadable.items())}}
+    record = {**fingerprint, UNREADABLE_KEY: {str(row): reason for row, reason in enumerate(reasons) if reason}}
     temporary.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(temporary, cache_dir / FINGERPRINT_FILE)
 

@@ -25,7 +25,7 @@ from annotator.pairs import PNG_LEVEL
 from common.files import atomic_write_text
 from dataset import CONTROL_FILE, DatasetError, read_prompt_file
 from dataset.build.config import BUILD_DIR, BuildConfig, BuildError
-from dataset.control_dataset import EXTRA_CONTROLS_KEY, SOURCE_DIR, control_source, read_control_file
+from dataset.control_dataset import EXTRA_CONTROLS_KEY, control_source, read_control_file
 
 EXTRA_FOLDER_PREFIX = "source_"
 
@@ -71,10 +71,10 @@ def add_control(config: BuildConfig) -> AddedControl:
     annotate_batch = None
     if control.model_based:
         from annotator.models import load_annotator
-        from dataset.build.pipeline import _device
+        from dataset.build.pipeline import annotator_device
 
         try:
-            annotate_batch = load_annotator(control, settings, record["model"], _device(config))
+            annotate_batch = load_annotator(control, settings, record["model"], annotator_device(config))
         except ControlSettingsError as err:
             raise BuildError(str(err)) from err
     todo = [entry for entry in entries if not (output / control_source(entry.source, folder_name)).is_file()]
@@ -110,4 +110,4 @@ def add_control(config: BuildConfig) -> AddedControl:
     return AddedControl(folder, written, len(entries) - len(todo), skipped)
 
 
-__all__ = ["EXTRA_FOLDER_PREFIX", "SOURCE_DIR", "AddedControl", "add_control", "first_control"]
+__all__ = ["EXTRA_FOLDER_PREFIX", "AddedControl", "add_control", "first_control"]

@@ -70,7 +70,7 @@ def make_model_pairs(jobs: list[PairJob], settings: PairSettings, config: BuildC
         ready = [(job, photo) for job, photo in zip(batch, prepared, strict=True) if not isinstance(photo, Skip)]
         if ready and annotate is None:
             try:
-                annotate = load_annotator(control, settings.options, config.annotator_model, _device(config))
+                annotate = load_annotator(control, settings.options, config.annotator_model, annotator_device(config))
             except ControlSettingsError as err:
                 raise BuildError(str(err)) from err
         images = iter(annotate([photo[0] for _, photo in ready]) if ready else [])
@@ -82,7 +82,8 @@ def make_model_pairs(jobs: list[PairJob], settings: PairSettings, config: BuildC
                 yield job, None
 
 
-def _device(config: BuildConfig) -> str:
+def annotator_device(config: BuildConfig) -> str:
+    """Where a model-based annotator runs: --device, else cuda when there is one."""
     if config.device is not None:
         return config.device
     import torch
