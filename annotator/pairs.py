@@ -89,13 +89,6 @@ def _decode_for_pair(image_path: Path, settings: PairSettings) -> tuple[np.ndarr
     return pixels, decoded.file_is_rgb_jpeg and settings.resolution is None
 
 
-def pair_photo(image_path: Path, settings: PairSettings) -> np.ndarray:
-    """The photo as its pair holds it, before any JPEG encoding: decoded upright RGB uint8, scaled and
-    centre-cropped with settings.resolution (what captions are computed from). Raises UnreadableImageError
-    (unreadable, too small, too large)."""
-    return _decode_for_pair(image_path, settings)[0]
-
-
 def make_pair(job: PairJob, settings: PairSettings) -> Skip | None:
     """Write the target photo (JPEG, RGB) and its control image (PNG, same size; for Canny grey, 255 =
     edge) for a weight-free control type.
@@ -120,8 +113,10 @@ def make_pair(job: PairJob, settings: PairSettings) -> Skip | None:
 
 
 def prepare_photo(job: PairJob, settings: PairSettings) -> tuple[np.ndarray, bool] | Skip:
-    """The photo of a job as its pair holds it and whether the file can be copied as the target, or why
-    it is skipped: the first half of a model-based pair (the build annotates photos in batches)."""
+    """The photo of a job as its pair holds it, before any JPEG encoding (decoded upright RGB uint8, scaled
+    and centre-cropped with settings.resolution), and whether the file can be copied as the target; or why
+    it is skipped. The first half of a model-based pair (the build annotates photos in batches), and what
+    captions are computed from."""
     try:
         return _decode_for_pair(job.image_path, settings)
     except UnreadableImageError as err:

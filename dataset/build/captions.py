@@ -12,8 +12,7 @@ from collections.abc import Callable
 from PIL import Image
 from tqdm import tqdm
 
-from annotator.image_io import UnreadableImageError
-from annotator.pairs import PairJob, pair_photo
+from annotator.pairs import PairJob, Skip, prepare_photo
 from dataset.build.config import BuildConfig, BuildError
 from dataset.build.inputs import read_caption_file
 from dataset.build.journal import Recorder
@@ -74,12 +73,12 @@ class CaptionQueue:
             self.caption_images = load_default_captioner(self.config)
         jobs, images = [], []
         for job in self.pending:
-            try:
-                images.append(Image.fromarray(pair_photo(job.image_path, self.pair_settings)))
-            except UnreadableImageError as err:  # the photo changed or vanished after its pair was made
-                self.recorder.skip(job.key, str(err), err.transient)
+            photo = prepare_photo(job, self.pair_settings)
+            if isinstance(photo, Skip):  # the photo changed or vanished after its pair was made
+                self.recorder.skip(job.key, photo.reason, photo.transient)
                 self.one_less()
                 continue
+            images.append(Image.fromarray(photo[0]))
             jobs.append(job)
         self.pending = []
         if jobs:
