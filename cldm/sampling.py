@@ -1,8 +1,10 @@
-"""Images from a (Control)LDM in one call: text encoding, DDIM with classifier-free guidance, decoding.
+"""Images from a (Control)LDM in one call: text encoding, DDIM or UniPC with classifier-free guidance, decoding.
 
-Every generating path of the project goes through `sample_images` (inference.py, evaluation.fidelity,
-the training image log, the toy base's evaluation), so the same noise, prompt and hint give the same
-pixels everywhere. Control strength is an argument of each call, never state set on the model.
+DDIM (the original ControlNet's sampler) is the default; UniPC (`sampler="unipc"`) is what ControlNet++'s
+evaluation samples with (diffusers' UniPCMultistepScheduler on SD 1.5's config, 20 steps). Every generating
+path of the project goes through `sample_images` (inference.py, evaluation.fidelity, the training image log,
+the toy base's evaluation), so the same noise, prompt and hint give the same pixels everywhere. Control
+strength is an argument of each call, never state set on the model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.unipc import UniPCSampler
+
+# The samplers sample_images can run, by name: DDIM (the original ControlNet's) and UniPC (ControlNet++'s).
+SAMPLERS = ("ddim", "unipc")
 
 # Guess mode: residual i of n gets strength * GUESS_MODE_DECAY ** (n - 1 - i), so shallow blocks are
 # damped most and the middle block gets full strength (the original's 0.825 ** (12 - i) for SD's 13).
@@ -61,8 +67,8 @@ def sample_images(model: nn.Module, hints: torch.Tensor | None, prompts: Sequenc
                   guidance_scale: float = 9.0, noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, control_scales: float | Sequence[float] | None = None,
                   guess_mode: bool = False, precision: torch.dtype | None = None,
-                  progress: bool = False) -> np.ndarray:
-    """DDIM samples of `model`, decoded: (B, H, W, 3) uint8 RGB.
+                  progress: bool = False, sampler: str = "ddim") -> np.ndarray:
+    """DDIM or UniPC samples of `model`, decoded: (B, H, W, 3) uint8 RGB.
 
     hints: (B, 3, H, W) float in [0, 1] for a ControlLDM, or None for a model without control (then
     `noise` gives the size). prompts: B strings, or their text context (B, T, D) already encoded (e.g. a
@@ -71,8 +77,13 @@ def sample_images(model: nn.Module, hints: torch.Tensor | None, prompts: Sequenc
     otherwise drawn from `generator` on the model's device. control_scales: control strength for this
     call, one for all residuals or one per residual (None: the model's default). guess_mode: no control
     in the unconditional branch. precision: None keeps the caller's autocast, float32 turns it off,
-    float16/bfloat16 turn it on (text encoding, sampling, decoding).
+    float16/bfloat16 turn it on (text encoding, sampling, decoding). sampler: one of SAMPLERS, "ddim" (eta
+    is its stochasticity) or "unipc" (deterministic: eta must be 0); `steps` model evaluations either way.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "unipc" and eta != 0:
+        raise ValueError(f"eta={eta!r} is DDIM's; the UniPC sampler is deterministic (eta must be 0)")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings (one per image) or a text context, not one string")
     device = next(model.parameters()).device
@@ -95,7 +106,8 @@ def sample_images(model: nn.Module, hints: torch.Tensor | None, prompts: Sequenc
             # Guess mode, and a globally pooled ControlNet (ControlNet 1.1's shuffle), control the conditional
             # half only.
             uncond["c_concat"] = None if guess_mode or getattr(model, "global_average_pooling", False) else [hints]
-        latents, _ = DDIMSampler(model).sample(
+        loop = DDIMSampler(model) if sampler == "ddim" else UniPCSampler(model)
+        latents, _ = loop.sample(
             steps, batch_size, shape, cond, eta=eta, x_T=None if noise is None else noise.to(device),
             unconditional_guidance_scale=guidance_scale, unconditional_conditioning=uncond, verbose=progress,
             generator=generator, control_scales=control_scales)

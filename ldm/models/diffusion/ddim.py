@@ -96,6 +96,26 @@ def _concat_conditions(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> di
     return out
 
 
+def guided_output(model: Any, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float,
+                  model_kwargs: Mapping[str, Any], *, batch_cfg: bool = True) -> torch.Tensor:
+    """The classifier-free guided model output uncond + scale * (cond - uncond) at (x, t), as the samplers of
+    this package (DDIM here, UniPC in unipc.py) feed to their steps.
+
+    uncond None or scale 1: the conditional output alone (one call). batch_cfg: both branches in one batch of
+    2B where their conditions stack (the original's ldm sampler), else two calls (the original's cldm
+    "hacked" sampler, and always in guess mode, where the unconditional branch has no hint).
+    """
+    if uncond is None or scale == 1.0:
+        return model.apply_model(x, t, cond, **model_kwargs)
+    both = _concat_conditions(uncond, cond) if batch_cfg and isinstance(cond, Mapping) else None
+    if both is not None:
+        out_uncond, out_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both, **model_kwargs).chunk(2)
+    else:
+        out_cond = model.apply_model(x, t, cond, **model_kwargs)
+        out_uncond = model.apply_model(x, t, uncond, **model_kwargs)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
 # The original's sample(...) arguments that this sampler does not implement, with their defaults: a call
 # that passes anything else (e.g. an inpainting mask and x0) is refused instead of sampling without it.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -104,12 +124,12 @@ UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check_unsupported(given: Mapping[str, Any]) -> None:
+def _check_unsupported(given: Mapping[str, Any], caller: str = "DDIMSampler.sample") -> None:
     for name, default in UNSUPPORTED_DEFAULTS.items():
         value = given[name]
         if value is default or (not isinstance(value, torch.Tensor) and value == default):
             continue
-        raise NotImplementedError(f"DDIMSampler.sample: {name}={value!r} is not supported (only the default "
+        raise NotImplementedError(f"{caller}: {name}={value!r} is not supported (only the default "
                                   f"{default!r}); inpainting (mask, x0), score correction, quantisation, "
                                   f"temperature, noise dropout and dynamic thresholding are not implemented")
 
@@ -134,16 +154,7 @@ class DDIMSampler:
 
     def _guided_output(self, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float,
                        model_kwargs: Mapping[str, Any]) -> torch.Tensor:
-        if uncond is None or scale == 1.0:
-            return self.model.apply_model(x, t, cond, **model_kwargs)
-        both = _concat_conditions(uncond, cond) if self.batch_cfg and isinstance(cond, Mapping) else None
-        if both is not None:
-            out_uncond, out_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both,
-                                                          **model_kwargs).chunk(2)
-        else:
-            out_cond = self.model.apply_model(x, t, cond, **model_kwargs)
-            out_uncond = self.model.apply_model(x, t, uncond, **model_kwargs)
-        return out_uncond + scale * (out_cond - out_uncond)
+        return guided_output(self.model, x, t, cond, uncond, scale, model_kwargs, batch_cfg=self.batch_cfg)
 
     @torch.no_grad()
     def sample(
