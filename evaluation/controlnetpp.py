@@ -142,13 +142,34 @@ def condition_ssim_psnr(generated_edges: np.ndarray, condition: np.ndarray) -> t
     return ssim, psnr
 
 
+class _ClipFeatures(torch.nn.Module):
+    """A transformers CLIPModel as torchmetrics' CLIPScore calls it: get_image_features / get_text_features
+    giving the projected embeddings as tensors (transformers 5 returns them in an output object's
+    pooler_output, which torchmetrics 1.9 does not unwrap)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
 def _clip_loader(folder: str | os.PathLike):
     """torchmetrics' CLIPScore accepts a callable giving (model, processor): a local CLIP folder read by
-    transformers (CLIPScore only takes hub names itself)."""
+    transformers (CLIPScore itself only takes hub names)."""
     from transformers import CLIPModel, CLIPProcessor
 
     def load():
-        return CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+        return _ClipFeatures(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
 
     return load
 

@@ -260,3 +260,57 @@ def test_protocol_flags_are_refused_by_the_project_protocol(tmp_path, capsys):
     status = evaluate.main(["--ckpt", str(TINY_WEIGHTS), "--dataset", str(tmp_path), "--sampler", "ddim"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == "error: --sampler does not apply to --protocol project"
+
+
+# --- CLIP score (their eval_clip.py) with a tiny CLIP built here ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A random tiny CLIP in the transformers layout (the project's CLIP vocabulary, 32 px images)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from ldm.modules.encoders.tokenizer import CLIPTokenizer as ProjectTokenizer
+
+    vocabulary = ProjectTokenizer()
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocabulary.encoder), max_position_embeddings=77, **layers),
+                        vision_config=dict(image_size=32, patch_size=8, **layers), projection_dim=16)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer(vocab=vocabulary.encoder, merges=list(vocabulary.merge_ranks))
+                  ).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_the_mean_cosine_of_every_image_with_its_prompt(tiny_clip_folder):
+    from transformers import CLIPModel, CLIPProcessor
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((2, 3, SIDE, SIDE, 3)) * 255).astype(np.uint8)
+    prompts = ["a red square on a white background", "a blue circle"]
+    ours = cpp.clip_score(images, prompts, tiny_clip_folder)
+    model = CLIPModel.from_pretrained(tiny_clip_folder).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip_folder)
+    flat = list(images.reshape(-1, SIDE, SIDE, 3))
+    texts = [prompt for prompt in prompts for _ in range(3)]
+    with torch.no_grad():
+        pixels = processor(images=[torch.tensor(image).permute(2, 0, 1) for image in flat], return_tensors="pt")
+        tokens = processor(text=texts, return_tensors="pt", padding=True)
+        image_features = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
+        text_features = model.get_text_features(input_ids=tokens["input_ids"],
+                                                attention_mask=tokens["attention_mask"]).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+    assert ours == pytest.approx(float(100 * cosine.mean()), abs=1e-4)
+    assert ours != pytest.approx(cpp.clip_score(images, prompts[::-1], tiny_clip_folder), abs=1e-3)
+
+
+def test_evaluate_adds_the_clip_score(tmp_path, heldout_dataset, tiny_clip_folder):
+    scores = tmp_path / "scores.json"
+    assert _run("--dataset", str(heldout_dataset), "--sampler", "ddim", "--max-pairs", "1", "--images-per-prompt",
+                "2", "--clip-model", str(tiny_clip_folder), "--grid", str(tmp_path / "grid.png"),
+                "--json", str(scores)) == 0
+    result = json.loads(scores.read_text())
+    assert -100.0 <= result["clip_score"] <= 100.0 and result["settings"]["images_per_prompt"] == 2
