@@ -24,7 +24,6 @@ Inception weights, which this project does not ship.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,8 +45,8 @@ IMAGES_PER_PROMPT = 4
 SEED = 42
 GUIDANCE_SCALE = 7.5
 STEPS = 20
-SAMPLERS = ("unipc", "ddim")
 SAMPLER = "unipc"
+SAMPLERS = (SAMPLER, "ddim")  # theirs, and theirs with --ddim (both cldm.sampling samplers)
 NEGATIVE_PROMPT = "worst quality, low quality"
 RESOLUTION = 512
 # Sides the project's models take (the VAE's 8x and the UNet's three halvings).
@@ -254,17 +253,9 @@ def generate(model: torch.nn.Module, conditions: np.ndarray, prompts: Sequence[s
         hint = torch.tensor(condition).float().div(255.0)[None, None].repeat(count, 3, 1, 1)
         generated.append(sample_images(model, hint, [prompt] * count, negative_prompt=settings.negative_prompt,
                                        steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                       noise=noise, **_sampler_argument(settings.sampler)))
+                                       noise=noise, sampler=settings.sampler))
     return np.stack(generated)
 
-
-def _sampler_argument(sampler: str) -> dict:
-    """sample_images' sampler argument (DDIM is all it had before UniPC came)."""
-    if "sampler" in inspect.signature(sample_images).parameters:
-        return {"sampler": sampler}
-    if sampler != "ddim":
-        raise ValueError(f"--sampler {sampler}: cldm.sampling has DDIM only in this checkout; use --sampler ddim")
-    return {}
 
 
 def score(conditions: np.ndarray, generated: np.ndarray, names: Sequence[str], prompts: Sequence[str],

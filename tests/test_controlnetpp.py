@@ -161,6 +161,28 @@ def heldout_dataset(tmp_path_factory) -> Path:
     return root / "data"
 
 
+def test_generation_follows_the_settings(heldout_dataset):
+    from cldm.model import create_model
+    from ldm.checkpoint import load_weights
+    from tests.reference import tiny_weights
+
+    model = create_model(TINY_CONFIG)
+    load_weights(model, tiny_weights())
+    model.eval()
+    names, conditions, prompts = evaluate.load_protocol_dataset(heldout_dataset, SIDE, max_pairs=2)
+    assert names == ["toy_00000", "toy_00001"] and conditions.shape == (2, SIDE, SIDE)
+    conditions, prompts = conditions[:1], prompts[:1]
+    settings = cpp.ProtocolSettings(resolution=SIDE, images_per_prompt=2, steps=2)
+    unipc = cpp.generate(model, conditions, prompts, settings, progress=False)
+    assert unipc.shape == (1, 2, SIDE, SIDE, 3) and unipc.dtype == np.uint8
+    np.testing.assert_array_equal(unipc, cpp.generate(model, conditions, prompts, settings, progress=False))
+    assert not np.array_equal(unipc[:, 0], unipc[:, 1])  # each image of a prompt has its own noise
+    for other in (dict(sampler="ddim"), dict(seed=7), dict(negative_prompt="")):
+        changed = cpp.generate(model, conditions, prompts, cpp.ProtocolSettings(
+            resolution=SIDE, images_per_prompt=2, steps=2, **other), progress=False)
+        assert not np.array_equal(changed, unipc), other
+
+
 def _run(*extra: str) -> int:
     return evaluate.main(["--ckpt", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--protocol", "controlnetpp",
                           "--resolution", str(SIDE), "--steps", "2", "--quiet", *extra])
@@ -181,14 +203,13 @@ def _recomputed_f1(saved: Path) -> float:
 
 def test_evaluate_runs_the_protocol_end_to_end(tmp_path, heldout_dataset, capsys):
     grid, scores, saved = tmp_path / "grid.png", tmp_path / "scores.json", tmp_path / "saved"
-    assert _run("--dataset", str(heldout_dataset), "--sampler", "ddim", "--max-pairs", "2", "--grid", str(grid),
+    assert _run("--dataset", str(heldout_dataset), "--max-pairs", "2", "--grid", str(grid),
                 "--json", str(scores), "--save-images", str(saved)) == 0
     out = capsys.readouterr().out
     assert "ControlNet++ protocol (controlnetpp)" in out and "not comparable" in out
     result = json.loads(scores.read_text())
-    assert result["protocol"] == "controlnetpp" and result["sampler"] == "ddim" and result["conditions"] == 2
-    assert result["settings"] == {**cpp.ProtocolSettings().to_dict(), "resolution": SIDE, "steps": 2,
-                                  "sampler": "ddim"}
+    assert result["protocol"] == "controlnetpp" and result["sampler"] == "unipc" and result["conditions"] == 2
+    assert result["settings"] == {**cpp.ProtocolSettings().to_dict(), "resolution": SIDE, "steps": 2}
     assert 0.0 <= result["f1"] <= 1.0
     assert result["f1"] == pytest.approx(np.mean(list(result["f1_per_condition"].values())))
     # One row per condition: condition | 4 generated | their 4 edge maps, 64 px tiles with 2 px padding.
@@ -201,9 +222,9 @@ def test_evaluate_runs_the_protocol_end_to_end(tmp_path, heldout_dataset, capsys
 def test_saved_conditions_rerun_to_the_same_score(tmp_path, heldout_dataset):
     # The saved conditions are a --conditions folder: the same conditions, noise and images, the same score.
     first, again, saved = tmp_path / "first.json", tmp_path / "again.json", tmp_path / "saved"
-    assert _run("--dataset", str(heldout_dataset), "--sampler", "ddim", "--json", str(first),
+    assert _run("--dataset", str(heldout_dataset), "--json", str(first),
                 "--grid", str(tmp_path / "first.png"), "--save-images", str(saved)) == 0
-    assert _run("--conditions", str(saved / "conditions"), "--sampler", "ddim", "--json", str(again),
+    assert _run("--conditions", str(saved / "conditions"), "--json", str(again),
                 "--grid", str(tmp_path / "again.png")) == 0
     assert json.loads(again.read_text())["f1_per_condition"] == json.loads(first.read_text())["f1_per_condition"]
 
