@@ -1,9 +1,10 @@
-"""Generate images with a ControlNet from a photo (Canny edges) or a ready edge map, with DDIM.
+"""Generate images with a ControlNet from a photo (Canny edges) or a ready edge map, with DDIM or UniPC.
 
     python inference.py --ckpt models/control_sd15_canny.pth --image photo.jpg --prompt "a bird"
     python inference.py --ckpt runs/x/checkpoints/last.ckpt --hint edges.png --prompt "a bird"
     python inference.py --ckpt control_only.safetensors --sd-ckpt v1-5-pruned.ckpt --image photo.jpg
     python inference.py --ckpt controlnet-canny/ --sd-ckpt v1-5-pruned.ckpt --image photo.jpg   # diffusers
+    python inference.py --ckpt last.ckpt --image photo.jpg --sampler unipc   # as ControlNet++ evaluates
 
 Defaults are those of the original's canny app (gradio_canny2image.py). Writes each sample, the control
 image and a grid (control first) as PNG under --output. The notebook calls `main([...])`, or
@@ -28,7 +29,7 @@ from annotator.image_io import UnreadableImageError, read_image_rgb
 from annotator.util import SIZE_MULTIPLE
 from cldm.hint import control_from_map, control_from_photo, control_from_record, hint_tensor
 from cldm.inference_loading import control_record_of, load_for_inference
-from cldm.sampling import control_scales, sample_images
+from cldm.sampling import SAMPLERS, control_scales, sample_images
 from common.cli import available_device, non_negative_float, positive_int
 from dataset import MASKED_CONTROL
 from ldm.checkpoint import CheckpointError
@@ -48,6 +49,7 @@ STEPS = 20
 STRENGTH = 1.0
 SCALE = 9.0
 ETA = 0.0
+SAMPLER = "ddim"
 RANDOM_SEED = -1
 MAX_RANDOM_SEED = 65535  # the original draws random.randint(0, 65535)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,7 +75,7 @@ def generate_batches(model: torch.nn.Module, control: np.ndarray, prompt: str, *
                      n_prompt: str = N_PROMPT, num_samples: int = NUM_SAMPLES, batch_size: int = BATCH_SIZE,
                      steps: int = STEPS, guess_mode: bool = False, strength: float = STRENGTH,
                      scale: float = SCALE, seed: int = RANDOM_SEED, eta: float = ETA, precision: str = "fp32",
-                     progress: bool = True) -> Iterator[list[Image.Image]]:
+                     progress: bool = True, sampler: str = SAMPLER) -> Iterator[list[Image.Image]]:
     """Sample `num_samples` images guided by a control image, `batch_size` per sampling call, yielding
     each batch as it is done (so memory holds one batch, whatever `num_samples` is).
 
@@ -82,6 +84,7 @@ def generate_batches(model: torch.nn.Module, control: np.ndarray, prompt: str, *
     is the unconditional (negative) prompt, weighted by the guidance `scale`. guess_mode: damp the
     shallow control residuals and drop the control from the unconditional branch, so the model guesses
     the content from the control alone. seed: -1 for random. precision: "fp32", or autocast "fp16"/"bf16".
+    sampler: "ddim" (the original's; eta applies) or "unipc" (ControlNet++'s evaluation sampler; eta 0).
     One generator seeded once draws every batch's noise, so the first `batch_size` samples are the same
     whatever `num_samples` is. Yields lists of RGB PIL images.
     """
@@ -98,7 +101,7 @@ def generate_batches(model: torch.nn.Module, control: np.ndarray, prompt: str, *
         pixels = sample_images(
             model, hint_tensor(control, count, device), [full_prompt] * count, negative_prompt=n_prompt,
             steps=steps, eta=eta, guidance_scale=scale, generator=generator, control_scales=scales,
-            guess_mode=guess_mode, precision=PRECISIONS[precision], progress=progress)
+            guess_mode=guess_mode, precision=PRECISIONS[precision], progress=progress, sampler=sampler)
         yield [Image.fromarray(p) for p in pixels]
 
 
@@ -121,7 +124,7 @@ def _device(text: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Generate images with a ControlNet (DDIM sampling).",
+    parser = argparse.ArgumentParser(description="Generate images with a ControlNet (DDIM or UniPC sampling).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint, full ControlNet checkpoint "
                         "(.ckpt/.pth/.safetensors), or a ControlNet alone (with --sd-ckpt): a control-only file "
@@ -143,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples per sampling call (a larger --num-samples runs in batches)")
     parser.add_argument("--resolution", type=int, default=RESOLUTION,
                         help=f"short side of the output, a multiple of {SIZE_MULTIPLE} up to {MAX_RESOLUTION}")
-    parser.add_argument("--steps", type=positive_int, default=STEPS, help="DDIM steps")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="sampling steps (model evaluations)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER, help="ddim: the original ControlNet's "
+                        "sampler; unipc: UniPC (bh2, order 2), the sampler ControlNet++'s evaluation uses "
+                        "(diffusers' UniPCMultistepScheduler on SD 1.5's config, 20 steps)")
     parser.add_argument("--scale", type=non_negative_float, default=SCALE, help="classifier-free guidance scale")
     parser.add_argument("--strength", type=non_negative_float, default=STRENGTH, help="control strength")
     parser.add_argument("--guess-mode", action="store_true", help="let the model guess the content from the "
                         "control (use with an empty prompt)")
-    parser.add_argument("--eta", type=non_negative_float, default=ETA, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--eta", type=non_negative_float, default=ETA, help="DDIM eta (0 = deterministic; "
+                        "--sampler unipc takes only 0)")
     parser.add_argument("--seed", type=int, default=RANDOM_SEED, help="-1 = random")
     parser.add_argument("--low-threshold", type=int, default=None,
                         help=f"Canny, with --image (default: the training data's, else {DEFAULT_LOW_THRESHOLD})")
@@ -163,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.sampler != "ddim" and args.eta != 0:
+        parser.error(f"--eta {args.eta} is DDIM's; --sampler {args.sampler} is deterministic (leave --eta at 0)")
     if not 0 < args.resolution <= MAX_RESOLUTION or args.resolution % SIZE_MULTIPLE:
         parser.error(f"--resolution must be a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} to {MAX_RESOLUTION}, "
                      f"got {args.resolution}")
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = generate_batches(model, control, args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
                                num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
                                guess_mode=args.guess_mode, strength=args.strength, scale=args.scale, seed=seed,
-                               eta=args.eta, precision=args.precision)
+                               eta=args.eta, precision=args.precision, sampler=args.sampler)
     write_outputs(Path(args.output), seed, Image.fromarray(control), batches)
     return 0
 
