@@ -19,7 +19,7 @@ Symbols (the paper's, for a VP schedule with alpha_bar = a):
     b_k                 k! * hh * phi_{k+1}(hh) / B(h), phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z
     step s -> t         x_t = sigma_t / sigma_s * x_s - alpha_t (e^hh - 1) m_s - alpha_t B(h) sum_k rho_k D_k
     UniP-p              rho solves sum_k rho_k r_k^(j-1) = b_j, j = 1..p-1, over the p-1 earlier points
-                        (rho = 1/2 for p = 2, as the paper's and diffusers' implementations)
+                        (rho = 1/2 for p = 2, as the UniPC authors' code and diffusers take it)
     UniC-p              the same step redone once the model has been evaluated at x_t, with D_p = m_t - m_s and
                         r_p = 1 added: rho solves j = 1..p (rho = 1/2 for p = 1). It costs no model call: the
                         output at the uncorrected x_t is the one the next predictor uses.
