@@ -216,6 +216,19 @@ def hint_values(control: np.ndarray) -> np.ndarray:
 
 # ---- the registry -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Consistency:
+    """A type's consistency reward (ControlNet++'s cycle consistency: the generated image's condition, extracted
+    again, against the condition it was given). differentiable: annotator.consistency.build_consistency_loss
+    builds it; description: one line of what it compares, or why the type has none."""
+
+    differentiable: bool
+    description: str
+
+
+NO_CONSISTENCY = Consistency(False, "no reward defined")
+
+
+@dataclass(frozen=True)
 class ControlType:
     """One kind of control image.
 
@@ -224,6 +237,8 @@ class ControlType:
     metric: what evaluate.py scores a generated image with against the control image.
     model: the default annotator model (a transformers hub id or folder) of a model-based type.
     model_options: ControlLDM parameters (the config's model.params) a ControlNet of this type needs.
+    consistency: whether the type has ControlNet++'s differentiable cycle-consistency reward
+        (annotator.consistency builds it) and what it compares, or why there is none.
     """
 
     def check_model_config(self, model_config: Mapping[str, Any], where: str) -> None:
@@ -242,6 +257,7 @@ class ControlType:
     model: str | None = None
     # ControlLDM parameters the type's ControlNet needs (shuffle: global_average_pooling, as ControlNet 1.1).
     model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    consistency: Consistency = NO_CONSISTENCY
 
     @property
     def model_based(self) -> bool:
@@ -266,8 +282,9 @@ class ControlType:
         return {"name": self.name, "settings": dataclasses.asdict(settings), "model": model}
 
 
-def _model_type(name: str, settings_type: type, description: str, metric: str, model: str) -> ControlType:
-    return ControlType(name, settings_type, description, metric, None, model)
+def _model_type(name: str, settings_type: type, description: str, metric: str, model: str,
+                consistency: Consistency) -> ControlType:
+    return ControlType(name, settings_type, description, metric, None, model, consistency=consistency)
 
 
 @dataclass(frozen=True)
@@ -299,26 +316,47 @@ class SoftEdgeSettings:
 
 CONTROL_TYPES: dict[str, ControlType] = {
     control.name: control for control in (
-        ControlType("canny", CannySettings, "Canny edges (white on black)", "canny-f1", canny_control),
+        ControlType("canny", CannySettings, "Canny edges (white on black)", "canny-f1", canny_control,
+                    consistency=Consistency(True, "MSE of Kornia Canny magnitudes (after non-maximum suppression) of "
+                                                  "the generated image and the photo; differentiable")),
         ControlType("scribble", ScribbleSettings, "thick simplified strokes (white on black)", "scribble-f1",
-                    scribble_control),
-        ControlType("tile", TileSettings, "the photo blurred and downsampled", "ssim", tile_control),
+                    scribble_control,
+                    consistency=Consistency(False, "none: the strokes are thresholded (Canny) edges dilated by a "
+                                                   "random width per photo; not differentiable")),
+        ControlType("tile", TileSettings, "the photo blurred and downsampled", "ssim", tile_control,
+                    consistency=Consistency(True, "MSE of the generated image degraded as the hint was (pyrDown / "
+                                                  "pyrUp, noise-free) and the hint; differentiable")),
         ControlType("shuffle", ShuffleSettings, "the photo's content reshuffled by a smooth random flow",
-                    "shuffle-colour", shuffle_control, model_options={"global_average_pooling": True}),
+                    "shuffle-colour", shuffle_control, model_options={"global_average_pooling": True},
+                    consistency=Consistency(False, "none: the hint is the photo moved by a random flow the hint does "
+                                                   "not record, so no pixel of it can be compared")),
         ControlType("inpaint", InpaintSettings, "the photo with random masked areas (transparent; -1 in the hint)",
-                    "inpaint-ssim", inpaint_control),
+                    "inpaint-ssim", inpaint_control,
+                    consistency=Consistency(True, "MSE of the generated image and the hint on the unmasked pixels; "
+                                                  "differentiable")),
         # Depth Anything V2 as the modern default; Intel/dpt-hybrid-midas is ControlNet 1.0's own.
         _model_type("depth", DepthSettings, "relative depth, near is bright (a transformers depth model)",
-                    "depth-rmse", "depth-anything/Depth-Anything-V2-Small-hf"),
+                    "depth-rmse", "depth-anything/Depth-Anything-V2-Small-hf",
+                    Consistency(True, "MSE of the depth model's min-max normalised depth of the generated image and "
+                                      "the hint's; differentiable")),
         # MiDaS: ControlNet 1.0's normal formula weighs its slopes against a constant tuned to MiDaS's scale.
         _model_type("normal", NormalSettings, "surface normals derived from depth, as ControlNet 1.0 made them",
-                    "normal-angle", "Intel/dpt-hybrid-midas"),
+                    "normal-angle", "Intel/dpt-hybrid-midas",
+                    Consistency(True, "MSE of ControlNet 1.0's normals from the depth model on the generated image "
+                                      "and the hint; differentiable (the background mask is held fixed)")),
         _model_type("seg", SegSettings, "ADE20K semantic segmentation in its class colours (a transformers model)",
-                    "seg-miou", "openmmlab/upernet-convnext-small"),
+                    "seg-miou", "openmmlab/upernet-convnext-small",
+                    Consistency(True, "cross entropy of the segmentation model's logits on the generated image "
+                                      "against the hint's classes (other colours ignored); differentiable")),
         _model_type("softedge", SoftEdgeSettings, "soft edges from ControlNet 1.1's HED (white on black)",
-                    "softedge-ssim", "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"),
+                    "softedge-ssim", "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth",
+                    Consistency(True, "MSE of HED's soft edges (before quantisation) of the generated image and the "
+                                      "hint; differentiable")),
     )
 }
+# The types with a differentiable consistency reward, in registry order.
+CONSISTENCY_TYPES: tuple[str, ...] = tuple(name for name, control in CONTROL_TYPES.items()
+                                           if control.consistency.differentiable)
 
 
 def get_control(name: str) -> ControlType:
