@@ -1,12 +1,13 @@
-"""Control fidelity of a trained ControlNet: for Canny as ControlNet++ measures it; for the other control
-types (the checkpoint's or the dataset's control record) with the type's metric (evaluation.control_metrics:
-tile SSIM with the photo, depth RMSE, normal angle, scribble SSIM).
+"""Control fidelity of a trained ControlNet: for Canny by the project's edge F1 (or, with --protocol
+controlnetpp, by ControlNet++'s own protocol, below); for the other control types (the checkpoint's or the
+dataset's control record) with the type's metric (evaluation.control_metrics: tile SSIM with the photo,
+depth RMSE, normal angle, scribble SSIM).
 
     python evaluate.py --ckpt runs/controlnet/checkpoints/last.ckpt --dataset outputs/toy/heldout_dataset
 
 For each (edge map, prompt) pair of a dataset folder (prompt.json + source/ + target/, see dataset.py):
 generate an image, take its Canny edges with the thresholds that made the edge maps (default 100/200),
-and score them against the edge map: pixel F1 (exact, as ControlNet++; and within --tolerance pixels),
+and score them against the edge map: pixel F1 pooled over the set (exact; and within --tolerance pixels),
 plus the SSIM of the edge maps. Writes a comparison grid (per pair: edge map | generated | generated's
 edges) and, with --json, the scores. Any checkpoint inference.py reads works (training .ckpt, full
 ControlNet file with --config, control-only file with --sd-ckpt); an untrained ControlNet (the output

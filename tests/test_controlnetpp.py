@@ -240,7 +240,7 @@ def _write_conditions(folder: Path, prompts: dict, levels: tuple[int, ...] = (0,
 
 @pytest.mark.parametrize("case", ["resolution", "no source", "missing dataset", "extra prompt", "no prompt",
                                   "grey levels", "prompts not an object", "project flag", "images", "clip",
-                                  "missing ckpt"])
+                                  "missing ckpt", "not canny"])
 def test_bad_input_is_one_line_and_status_2(case, tmp_path, capsys):
     good = {"a.png": "a line"}
     if case == "resolution":
@@ -268,10 +268,19 @@ def test_bad_input_is_one_line_and_status_2(case, tmp_path, capsys):
         args, named = ["--dataset", str(tmp_path), "--images-per-prompt", "0"], "--images-per-prompt 0"
     elif case == "clip":
         args, named = ["--dataset", str(tmp_path), "--clip-model", str(tmp_path / "clip")], "--clip-model"
-    else:
+    elif case == "missing ckpt":
         folder = _write_conditions(tmp_path / "c", good)
         args = ["--conditions", str(folder), "--ckpt", str(tmp_path / "missing.ckpt")]
         named = "missing.ckpt"
+    else:  # a checkpoint whose record says it was trained on another control type
+        from safetensors.torch import save_file
+
+        from tests.reference import tiny_weights
+
+        tile = tmp_path / "tile.safetensors"
+        save_file(tiny_weights(), tile, metadata={"control": json.dumps({"name": "tile", "settings": {}})})
+        folder = _write_conditions(tmp_path / "c", good)
+        args, named = ["--conditions", str(folder), "--ckpt", str(tile)], "trained on tile control"
     assert _run(*args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
