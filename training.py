@@ -41,10 +41,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf.errors import OmegaConfBaseException
 
+from annotator.consistency import require_consistency
 from annotator.controls import ControlSettingsError, parse_control_record
 from cldm.inference_loading import DEFAULT_CONFIG, load_base_and_control
 from cldm.model import load_config
-from common.cli import non_negative_int, positive_float, positive_int
+from common.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import ControlDataset, DatasetError, read_control_record
 from ldm.checkpoint import CheckpointError
 from ldm.lazy_checkpoint import open_lazy
@@ -56,6 +57,7 @@ from trainer.checkpointing import FileCheckpointIO, ResumableCheckpoint, ignore_
 from trainer.latent_cache import LatentCacheDataModule, LatentCacheError
 from trainer.logger import ImageLogger
 from trainer.module import (
+    DEFAULT_CONSISTENCY_MAX_T,
     DEFAULT_LEARNING_RATE,
     DEFAULT_OPTIMIZER,
     DEFAULT_PROMPT_DROPOUT,
@@ -264,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "'11h 30m'; ends with last.ckpt")
     train.add_argument("--seed", type=non_negative_int, default=0,
                        help="seeds data order, noise, timesteps, prompt dropout and the logged samples")
+    train.add_argument("--consistency-weight", type=non_negative_float, default=0.0, metavar="W",
+                       help="add ControlNet++'s cycle-consistency reward (Li et al. 2024) with weight W: at timesteps "
+                            "up to --consistency-max-t, the one-step x0 prediction is decoded by the VAE (gradients "
+                            "through the frozen decoder) and the control type's differentiable extractor compares it "
+                            "with the condition (Canny: MSE of kornia magnitude maps); loss = diffusion + W x reward. "
+                            "ControlNet++ fine-tunes a trained ControlNet this way (--init-control) with W 1 (Canny). "
+                            "0: off")
+    train.add_argument("--consistency-max-t", type=non_negative_int, default=DEFAULT_CONSISTENCY_MAX_T, metavar="T",
+                       help="largest timestep that gets the consistency reward (ControlNet++: 200 of 1000)")
     train.add_argument("--resume", metavar="{PATH,last}", default=None,
                        help="continue a run at the same step with the same optimizer state; 'last' is "
                             "OUTPUT_DIR/checkpoints/last.ckpt")
@@ -404,7 +415,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
     module = ControlNetTrainer(
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
-        optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile, config=str(args.config),
+        optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile,
+        consistency_weight=args.consistency_weight, consistency_max_t=args.consistency_max_t, config=str(args.config),
         init=args.init,
         init_control=args.init_control, data=str(args.data), control=read_control_record(args.data, args.control),
         resolution=args.resolution,
@@ -548,6 +560,8 @@ def run_training(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -
                                  seed=args.seed, control=args.control)
         control, _, _ = parse_control_record(dataset.control_record)
         control.check_model_config(load_config(args.config)["model"], str(args.config))
+        if args.consistency_weight > 0:
+            require_consistency(control)
         if len(dataset) < args.batch_size * trainer.world_size:
             print(f"error: --batch-size {args.batch_size}: {args.data} has {len(dataset)} pairs, fewer than one "
                   f"batch for each of {trainer.world_size} device(s)", file=sys.stderr)

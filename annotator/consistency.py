@@ -48,7 +48,7 @@ from annotator.controls import (
 
 ConsistencyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["CONSISTENCY_TYPES", "ConsistencyLoss", "build_consistency_loss"]
+__all__ = ["CONSISTENCY_TYPES", "ConsistencyLoss", "build_consistency_loss", "require_consistency"]
 
 # ControlNet++'s Canny thresholds (train/reward_control.py); the magnitude the loss compares does not depend on them.
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2
@@ -409,16 +409,22 @@ def seg_loss(processor: Any, network: Any, lookup: tuple[torch.Tensor, torch.Ten
 
 
 # ---- the builder --------------------------------------------------------------------------------------------------
+def require_consistency(control: ControlType) -> None:
+    """ControlSettingsError naming the types that have one when `control` has no differentiable reward (a check
+    that loads nothing, for a command line to run before the model)."""
+    if not control.consistency.differentiable:
+        raise ControlSettingsError(f"control {control.name!r} has no differentiable consistency reward "
+                                   f"({control.consistency.description}); the types with one: "
+                                   f"{', '.join(CONSISTENCY_TYPES)}")
+
+
 def build_consistency_loss(control: ControlType, settings: Any, annotator_model: str | None,
                            device: torch.device | str) -> ConsistencyLoss:
     """The consistency loss of `control`, its extractor loaded on `device` and frozen: `annotator_model` (a
     transformers model for depth / normal / seg, HED weights for softedge; None: the type's default) as the
     dataset's annotator used it. A type without a differentiable reward is a ControlSettingsError naming the
     types that have one; so is a model that cannot load."""
-    if not control.consistency.differentiable:
-        raise ControlSettingsError(f"control {control.name!r} has no differentiable consistency reward "
-                                   f"({control.consistency.description}); the types with one: "
-                                   f"{', '.join(CONSISTENCY_TYPES)}")
+    require_consistency(control)
     model = annotator_model or control.model
     settings = control.settings_from() if settings is None else settings
     if control.name == "canny":

@@ -37,6 +37,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from cldm.model import load_config, with_model_options
@@ -191,6 +192,18 @@ def load_initial_weights(model: nn.Module, model_config: Mapping[str, Any], path
     return report
 
 
+# ControlNet++'s reward (Li et al. 2024): only timesteps t <= this get the consistency loss (at larger t the
+# one-step x0 prediction is too blurred for the condition extractor to read).
+DEFAULT_CONSISTENCY_MAX_T = 200
+
+
+def _check_consistency(weight: float, max_t: int) -> None:
+    if not weight >= 0.0:
+        raise ValueError(f"consistency_weight must be >= 0, got {weight}")
+    if max_t < 0:
+        raise ValueError(f"consistency_max_t must be >= 0, got {max_t}")
+
+
 # The original's AdamW rate (tutorial_train.py).
 DEFAULT_LEARNING_RATE = 1e-5
 # The paper (section 3.3) replaces 50% of the prompts by "" so that the ControlNet learns the control
@@ -208,7 +221,10 @@ class ControlNetTrainer(L.LightningModule):
     OPTIMIZERS (see there; "adamw8bit" needs bitsandbytes). channels_last: the whole model in NHWC memory
     format (oneDNN and cuDNN convolutions prefer it; the dataset's HWC images are already NHWC once permuted).
     compile: torch.compile the UNet's and the ControlNet's forward (`nn.Module.compile`: in place, so the
-    state dict keys stay those of the original layout). training_options: plain values recorded in the
+    state dict keys stay those of the original layout). consistency_weight: W > 0 adds ControlNet++'s
+    cycle-consistency reward, W x the control type's consistency loss of the samples with t <=
+    consistency_max_t (see `consistency_loss`); the control type is training_options["control"] (the
+    dataset's control record), Canny when there is none. training_options: plain values recorded in the
     checkpoint only.
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
@@ -216,9 +232,11 @@ class ControlNetTrainer(L.LightningModule):
     def __init__(self, model_config: Mapping[str, Any], learning_rate: float = DEFAULT_LEARNING_RATE,
                  sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0,
                  locked_dtype: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
-                 compile: bool = False, **training_options: Any):
+                 compile: bool = False, consistency_weight: float = 0.0,
+                 consistency_max_t: int = DEFAULT_CONSISTENCY_MAX_T, **training_options: Any):
         super().__init__()
         _check_options(prompt_dropout, seed, locked_dtype, optimizer)
+        _check_consistency(consistency_weight, consistency_max_t)
         model_config = copy.deepcopy(dict(model_config))
         _check_plain(model_config, "model_config")
         _check_plain(training_options, "training_options")
@@ -226,6 +244,10 @@ class ControlNetTrainer(L.LightningModule):
         self.save_hyperparameters()
         self.learning_rate, self.sd_locked, self.prompt_dropout = learning_rate, sd_locked, prompt_dropout
         self.seed, self.locked_dtype, self.optimizer_name = seed, locked_dtype, optimizer
+        self.consistency_weight, self.consistency_max_t = consistency_weight, consistency_max_t
+        # Built on first use, on the module's device; kept out of the module tree so that its extractor's
+        # weights (HED, a depth model, ...) never enter the state dict.
+        self._consistency_loss: list[Any] = []
         self.model = instantiate_from_config(model_config)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -362,7 +384,53 @@ class ControlNetTrainer(L.LightningModule):
         cond = self.conditioning(batch, prompts)
         t = torch.randint(0, self.model.num_timesteps, (batch_size,), generator=generator, device=self.device)
         noise = torch.randn(z0.shape, generator=generator, device=self.device, dtype=z0.dtype)
-        return self.model.p_losses(z0, cond, t, noise=noise)
+        if self.consistency_weight == 0:
+            return self.model.p_losses(z0, cond, t, noise=noise)
+        loss, logs, x_noisy, model_output = self.model.denoising_loss(z0, cond, t, noise=noise)
+        reward = self.consistency_reward(z0, x_noisy, model_output, t, cond["c_concat"][0])
+        logs["train/loss_consistency"] = reward.detach()
+        loss = loss + self.consistency_weight * reward
+        logs["train/loss"] = loss.detach()
+        return loss, logs
+
+    # ---- ControlNet++'s consistency reward ------------------------------------------------------------
+    def consistency_loss(self) -> Any:
+        """The control type's loss(images, hints, references) -> (B,) (annotator.consistency), built once on
+        this module's device from the run's control record (Canny when the dataset has none)."""
+        if not self._consistency_loss:
+            from annotator.consistency import build_consistency_loss
+            from annotator.controls import parse_control_record
+
+            control, settings, annotator_model = parse_control_record(self.hparams.get("control"))
+            self._consistency_loss.append(build_consistency_loss(control, settings, annotator_model, self.device))
+        return self._consistency_loss[0]
+
+    def decode_with_grad(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] through the frozen VAE decoder, with gradients to z; checkpointed
+        (recomputed in the backward pass) when the run uses gradient checkpointing."""
+        vae = self.model.first_stage_model
+        unscaled = z / self.model.scale_factor
+        if getattr(self.model.model.diffusion_model, "use_checkpoint", False):
+            images = torch.utils.checkpoint.checkpoint(vae.decode, unscaled, use_reentrant=False)
+        else:
+            images = vae.decode(unscaled)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def consistency_reward(self, z0: torch.Tensor, x_noisy: torch.Tensor, model_output: torch.Tensor,
+                           t: torch.Tensor, hints: torch.Tensor) -> torch.Tensor:
+        """ControlNet++'s reward loss of one batch: for the samples with t <= consistency_max_t, predict x0
+        in one step, decode it (gradients through the frozen decoder), and score it against the control with
+        the type's consistency loss; the mean over those samples (0 when there are none). The label side
+        is the training photo as the VAE reproduces it (the decoded clean latent), the same with and
+        without a latent cache."""
+        chosen = (t <= self.consistency_max_t).nonzero().flatten()
+        if len(chosen) == 0:
+            return model_output.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) as in other steps
+        predicted = self.model.predict_start(x_noisy[chosen], t[chosen], model_output[chosen])
+        images = self.decode_with_grad(predicted)
+        with torch.no_grad():
+            references = (self.model.decode_first_stage(z0[chosen]).float() / 2 + 0.5).clamp(0, 1)
+        return self.consistency_loss()(images, hints[chosen].float(), references).float().mean()
 
     # ---- images for the log -------------------------------------------------------------------------
     @torch.no_grad()

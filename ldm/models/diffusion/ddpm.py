@@ -140,6 +140,17 @@ class LatentDiffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * v
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
 
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """The one-step x_0 prediction from the denoiser's output at (x_t, t), whatever its `parameterization`:
+        eps: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar); v: sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v;
+        x0: the output itself. Differentiable (ControlNet++'s reward decodes it)."""
+        if self.parameterization == "x0":
+            return model_output
+        if self.parameterization == "v":
+            return self.predict_start_from_z_and_v(x_t, t, model_output)
+        return ((x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * model_output)
+                / extract(self.sqrt_alphas_cumprod, t, x_t.shape))
+
     # ---- first stage (VAE) and text conditioning --------------------------------------------------
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -188,6 +199,14 @@ class LatentDiffusion(nn.Module):
         loss_simple (plain MSE to the target), loss_vlb (reported, weighted by original_elbo_weight)
         and loss.
         """
+        loss, logs, _, _ = self.denoising_loss(x_start, cond, t, noise)
+        return loss, logs
+
+    def denoising_loss(self, x_start: torch.Tensor, cond: Conditioning, t: torch.Tensor,
+                       noise: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`p_losses` and what it was computed from: (loss, logs, x_noisy, model_output), for a loss that also
+        uses the prediction (ControlNet++'s consistency reward, `predict_start`)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond)
@@ -205,4 +224,4 @@ class LatentDiffusion(nn.Module):
         prefix = "train" if self.training else "val"
         logs = {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss_vlb": loss_vlb.detach(),
                 f"{prefix}/loss": loss.detach()}
-        return loss, logs
+        return loss, logs, x_noisy, model_output
