@@ -494,7 +494,7 @@ def _planned_step(args: argparse.Namespace, batch_size: int) -> Any:
                         precision=args.precision, half_locked=args.half_locked,
                         gradient_checkpointing=args.gradient_checkpointing, attention=args.attention,
                         optimizer=args.optimizer, sd_locked=args.sd_locked, only_mid_control=args.only_mid_control,
-                        cache_latents=args.cache_latents)
+                        cache_latents=args.cache_latents, consistency_weight=args.consistency_weight)
 
 
 def _resolve_precision(args: argparse.Namespace) -> None:

@@ -90,6 +90,9 @@ class TrainingStep:
     sd_locked: bool = True
     only_mid_control: bool = False
     cache_latents: bool = False
+    # ControlNet++'s consistency reward (training.py --consistency-weight): planned for the worst step, every
+    # sample of the batch at a rewarded timestep (decoded with gradients, Canny magnitudes).
+    consistency_weight: float = 0.0
     # Lightning frees the gradients after each optimizer step; diffusers' script zeroes them in place unless
     # given --set_grads_to_none, so they also occupy memory during the next forward and backward.
     grads_to_none: bool = True
@@ -101,6 +104,7 @@ class TrainingStep:
                 f"{', half-locked' if self.half_locked and self.precision != '32' else ''}, gradient checkpointing "
                 f"{checkpointing}, attention {self.attention or 'config'}, {self.optimizer}"
                 f"{'' if self.sd_locked else ', decoder unlocked'}{', latent cache' if self.cache_latents else ''}"
+                f"{', consistency reward' if self.consistency_weight else ''}"
                 f"{'' if self.grads_to_none else ', gradients zeroed, not freed'}")
 
 
@@ -133,9 +137,10 @@ class StorageTracker(TorchDispatchMode):
     """Counts the bytes of every live tensor storage created while active (views and in-place results share
     their storage and count once). `now` and `peak` are bytes; `reset_peak()` starts a new peak at `now`.
 
-    With `fake_scalars`, reading a fake tensor's value (`.item()`, `.tolist()`, `bool(t)`) gives False for a
-    bool and 1 otherwise: under FakeTensorMode there is no value; the step's only such reads (prompt dropout,
-    AdamW's step count) change no tensor's size."""
+    With `fake_scalars`, reading a fake tensor's value (`.item()`, `.tolist()`, `bool(t)`) gives True for a
+    bool and 1 otherwise: under FakeTensorMode there is no value; the step's such reads (prompt dropout,
+    AdamW's step count, the timesteps that get the consistency reward, Kornia's argument checks) change no
+    tensor's size, except that every timestep reads as 1, so the reward is planned for the whole batch."""
 
     def __init__(self, fake_scalars: bool = False):
         super().__init__()
@@ -164,7 +169,7 @@ class StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
             dtype = args[0].dtype
-            return False if dtype == torch.bool else 1.0 if dtype.is_floating_point else 1
+            return True if dtype == torch.bool else 1.0 if dtype.is_floating_point else 1
         result = func(*args, **(kwargs or {}))
         for item in tree_flatten(result)[0]:
             if isinstance(item, torch.Tensor):
@@ -185,7 +190,7 @@ def build_module(step: TrainingStep) -> ControlNetTrainer:
                                          step.only_mid_control)
     locked_dtype = HALF_LOCKED_DTYPES.get(step.precision) if step.half_locked else None
     return ControlNetTrainer(model_config, sd_locked=step.sd_locked, locked_dtype=locked_dtype,
-                             optimizer=step.optimizer)
+                             optimizer=step.optimizer, consistency_weight=step.consistency_weight)
 
 
 def make_batch(module: ControlNetTrainer, step: TrainingStep) -> dict[str, Any]:

@@ -131,3 +131,19 @@ def test_control_types_bench_reports_every_type_against_canny(capsys):
     rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "photos/s" in line and ":" in line}
     assert set(rows) >= set(control_types.CONTROL_TYPES)
     assert "1.00x Canny" in rows["canny"] and "tiny random DPT" in out
+
+
+def test_consistency_bench_times_plain_and_reward_steps(monkeypatch, capsys):
+    from bench import consistency
+
+    monkeypatch.setattr(consistency, "MODELS", (("tiny", "tiny", 64, 2, True),))
+    monkeypatch.setattr(consistency, "WARMUP", 0)
+    assert consistency.main(["--steps", "1", "--models", "tiny"]) == 0
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| tiny")]
+    assert [row[1] for row in rows] == [variant for variant, _, _ in consistency.VARIANTS], out
+    assert "vs plain" in out and consistency.cpu_name() in out
+    # The planner plans the reward for every sample: more memory than the plain step.
+    planned = [float(row[4]) for row in rows]
+    assert planned[1] == planned[2] > planned[0], out

@@ -423,9 +423,12 @@ class ControlNetTrainer(L.LightningModule):
         the type's consistency loss; the mean over those samples (0 when there are none). The label side
         is the training photo as the VAE reproduces it (the decoded clean latent), the same with and
         without a latent cache."""
-        chosen = (t <= self.consistency_max_t).nonzero().flatten()
-        if len(chosen) == 0:
+        # Chosen by value on the host (as prompt dropout): an index list of known length also under the memory
+        # planner's FakeTensorMode, where every timestep reads as 1, so that it plans for the whole batch.
+        chosen = [index for index, step in enumerate(t.tolist()) if step <= self.consistency_max_t]
+        if not chosen:
             return model_output.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) as in other steps
+        chosen = torch.tensor(chosen, device=t.device)
         predicted = self.model.predict_start(x_noisy[chosen], t[chosen], model_output[chosen])
         images = self.decode_with_grad(predicted)
         with torch.no_grad():
