@@ -1,4 +1,4 @@
-"""How well one edge map matches another: pixel F1 (as ControlNet++ scores Canny control) and SSIM.
+"""How well one edge map matches another: pixel F1 (ControlNet++'s measure of Canny control) and SSIM.
 
 Edge maps are (H, W) arrays where nonzero (or > 127 for uint8 {0, 255} maps) marks an edge pixel.
 

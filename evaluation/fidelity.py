@@ -1,4 +1,6 @@
-"""Control fidelity of a ControlNet for Canny, as ControlNet++ (Li et al. 2024) measures it.
+"""Control fidelity of a ControlNet for Canny, the project's measure: F1 pooled over the set, OpenCV Canny.
+
+(ControlNet++'s own protocol, kornia Canny 0.1/0.2 and a per-condition F1 averaged, is evaluation.controlnetpp.)
 
 Generate an image from each held-out (edge map, prompt) pair, take the Canny edges of the generated image
 with the thresholds that made the edge maps, and score them against the input edge map: pixel F1
@@ -35,7 +37,7 @@ Pair = tuple[np.ndarray, str]
 class FidelityReport:
     """Scores over a set of pairs, and what they were computed from (for a comparison grid).
 
-    f1: exact pixel F1 (ControlNet++); f1_tolerant: F1 with `tolerance` pixels; ssim: mean SSIM of the
+    f1: exact pixel F1 (pooled over the pairs); f1_tolerant: F1 with `tolerance` pixels; ssim: mean SSIM of the
     edge maps; hints / generated / generated_edges: (N, H, W, 3) / (N, H, W, 3) / (N, H, W) uint8.
     """
 

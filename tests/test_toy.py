@@ -10,7 +10,7 @@ import pytest
 
 import prepare_dataset
 from annotator import canny
-from toy.classify import read_scene
+from toy.classify import FRAME, MATCH_FRAME, MISS_FRAME, read_scene, shape_agreement, shape_grid, shape_hits
 from toy.photos import main as photos_main
 from toy.photos import scenes, write_photo_folder
 from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, Scene, all_captions, render, sample_scene
@@ -81,3 +81,30 @@ def test_photos_build_into_a_dataset(tmp_path):
     entries = [json.loads(line) for line in (tmp_path / "data" / "prompt.json").read_text().splitlines()]
     assert [e["prompt"] for e in entries] == [scene.caption for scene in written]
     assert [e["source"] for e in entries] == [f"source/toy_{i:05d}.png" for i in range(3)]
+
+
+def test_shape_agreement_reads_the_photo_and_the_generated_image():
+    def scene(shape: str) -> np.ndarray:
+        return render(Scene(shape, "red", "white", 0.5, 0.5, 0.5), 64)
+
+    photos = np.stack([scene("square"), scene("circle"), scene("triangle")])
+    # The right shapes, then one wrong and one without any shape.
+    rate, made, wanted = shape_agreement(photos, photos)
+    assert rate == 1.0 and made == wanted == ["square", "circle", "triangle"]
+    generated = np.stack([scene("square"), scene("triangle"), np.full_like(photos[0], 255)])
+    rate, made, wanted = shape_agreement(generated, photos)
+    assert rate == pytest.approx(1 / 3) and made == ["square", "triangle", None]
+    assert shape_hits(made, wanted) == [True, False, False]
+    with pytest.raises(ValueError, match="as many"):
+        shape_agreement(generated[:2], photos)
+
+
+def test_shape_grid_frames_hits_green_and_misses_red():
+    controls = np.zeros((3, 8, 8, 3), np.uint8)
+    generated = [np.full((3, 8, 8, 3), 100, np.uint8)]
+    grid = shape_grid(controls, generated, [[True, False, True]], blocks=2)
+    cell = 8 + 2 * FRAME
+    assert grid.shape == (2 * cell, 2 * (2 * cell + 2 * FRAME), 3)
+    assert tuple(grid[0, cell]) == MATCH_FRAME  # pair 0: the generated image's frame
+    assert tuple(grid[cell, cell]) == MISS_FRAME  # pair 1, below it
+    assert tuple(grid[FRAME + 1, cell + FRAME + 1]) == (100, 100, 100)

@@ -9,6 +9,7 @@ its bounding box the shape fills (square 1, circle pi/4, triangle 1/2).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,3 +65,49 @@ def read_scene(image: np.ndarray) -> Reading:
     shape = shape_class(mask)
     colour = _nearest(np.median(pixels[mask], axis=0), COLOURS) if shape is not None else None
     return Reading(_nearest(background_rgb, BACKGROUNDS), colour, shape, mask)
+
+
+def shape_agreement(generated: np.ndarray, photos: np.ndarray) -> tuple[float, list[str | None], list[str | None]]:
+    """How often a generated image shows the shape of its control: (share of pairs whose shape as `read_scene`
+    reads it from the generated image equals the shape it reads from the photo the control was made from, the
+    generated images' shapes, the photos' shapes). generated, photos: (N, H, W, 3) uint8."""
+    if len(generated) != len(photos) or not len(photos):
+        raise ValueError(f"shape_agreement needs as many generated images as photos (>0), got {len(generated)} "
+                         f"and {len(photos)}")
+    made = [read_scene(image).shape for image in generated]
+    wanted = [read_scene(photo).shape for photo in photos]
+    return float(np.mean(shape_hits(made, wanted))), made, wanted
+
+
+def shape_hits(made: Sequence[str | None], wanted: Sequence[str | None]) -> list[bool]:
+    """Per pair: the generated image's shape is the photo's (a generated image without a shape never is)."""
+    return [m is not None and m == w for m, w in zip(made, wanted, strict=True)]
+
+
+# Frames of `shape_grid`: the generated image shows the control's shape, or not.
+MATCH_FRAME = (40, 170, 60)
+MISS_FRAME = (210, 40, 40)
+FRAME = 3
+
+
+def shape_grid(controls: np.ndarray, generated: Sequence[np.ndarray], hits: Sequence[Sequence[bool]],
+               blocks: int = 4) -> np.ndarray:
+    """A picture of `shape_agreement`: per pair the control image, then each model's generated image framed
+    green where its shape matches the photo's and red where not; the pairs in `blocks` side-by-side columns.
+    controls: (N, H, W, 3) uint8; generated[k]: model k's (N, H, W, 3); hits[k]: model k's N booleans.
+    Returns (rows, columns, 3) uint8."""
+    count, height, width = controls.shape[:3]
+    cell_h, cell_w = height + 2 * FRAME, width + 2 * FRAME
+    per_block = -(-count // blocks)
+    pair_w = cell_w * (1 + len(generated)) + 2 * FRAME
+    grid = np.full((per_block * cell_h, blocks * pair_w, 3), 255, np.uint8)
+    for index in range(count):
+        top, left = (index % per_block) * cell_h, (index // per_block) * pair_w
+        tiles = [(controls[index], (255, 255, 255))]
+        tiles += [(images[index], MATCH_FRAME if model_hits[index] else MISS_FRAME)
+                  for images, model_hits in zip(generated, hits, strict=True)]
+        for column, (tile, colour) in enumerate(tiles):
+            x = left + column * cell_w
+            grid[top:top + cell_h, x:x + cell_w] = colour
+            grid[top + FRAME:top + FRAME + height, x + FRAME:x + FRAME + width] = tile
+    return grid
