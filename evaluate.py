@@ -39,6 +39,7 @@ from annotator.canny import DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, Canny
 from annotator.controls import DEFAULT_CONTROL, parse_control_record
 from annotator.image_io import UnreadableImageError, read_image_rgb
 from cldm.inference_loading import control_record_of, load_for_inference
+from common.cli import DefaultsHelpFormatter
 from dataset import ControlDataset, DatasetError, read_control_record, read_prompt_file, resolve_inside
 from evaluation import controlnetpp as cpp
 from evaluation.control_metrics import PHOTO_METRICS, ControlReport, control_type_fidelity
@@ -137,13 +138,6 @@ def report_dict(report: FidelityReport) -> dict[str, float | int]:
             "pairs": len(report.hints)}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except the options whose default depends on --protocol (their help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Canny control fidelity: F1 and SSIM of the generated images' edges against the input edge "
@@ -151,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "controlnetpp: ControlNet++'s own evaluation (kornia Canny 0.1/0.2, 4 images per prompt, "
                     "F1 per condition averaged), whose numbers compare with their paper's table only. FID is "
                     "not built (torchmetrics' FID needs torch-fidelity and Inception weights).",
-        formatter_class=_HelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training .ckpt, full ControlNet file, or control-only file")
     parser.add_argument("--config", default=None, help="model config for full / control-only files "
                                                        "(default: models/cldm_v15.yaml)")

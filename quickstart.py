@@ -138,10 +138,10 @@ def _fine_tune(args: argparse.Namespace, output: Path, data: dict[str, Path], tr
     return checkpoints
 
 
-def protocol_f1(model: torch.nn.Module, photos: np.ndarray, prompts: list[str]) -> float:
-    """ControlNet++'s protocol F1 (evaluate.py --protocol controlnetpp) at the toy's size."""
+def protocol_f1(model: torch.nn.Module, conditions: np.ndarray, prompts: list[str]) -> float:
+    """ControlNet++'s protocol F1 (evaluate.py --protocol controlnetpp) at the toy's size; conditions: the
+    photos' `photo_condition`s."""
     settings = ProtocolSettings(resolution=DEFAULT_RESOLUTION)
-    conditions = np.stack([photo_condition(photo, DEFAULT_RESOLUTION) for photo in photos])
     return evaluate_controlnetpp(model, conditions, prompts, settings=settings, progress=False).f1
 
 
@@ -274,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes = {name: shape_agreement(report.generated, photos) for name, report in reports.items()}
     for name, (rate, _, _) in shapes.items():
         results[name]["shape_match"] = rate
-    for name in fine_tuned:
-        results[name]["protocol_f1"] = protocol_f1(models[name][0], photos, [prompt for _, prompt in heldout_pairs])
+    if fine_tuned:
+        conditions = np.stack([photo_condition(photo, DEFAULT_RESOLUTION) for photo in photos])
+        for name in fine_tuned:
+            results[name]["protocol_f1"] = protocol_f1(models[name][0], conditions,
+                                                       [prompt for _, prompt in heldout_pairs])
     results.update(reward_steps=args.reward_steps, reward_weight=args.reward_weight, reward_lr=args.reward_lr)
     shown = ["zero", "trained", *fine_tuned]
     shapes_grid = output / "shapes.png"

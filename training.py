@@ -45,7 +45,7 @@ from annotator.consistency import require_consistency
 from annotator.controls import ControlSettingsError, parse_control_record
 from cldm.inference_loading import DEFAULT_CONFIG, load_base_and_control
 from cldm.model import load_config
-from common.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from common.cli import DefaultsHelpFormatter, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import ControlDataset, DatasetError, read_control_record
 from ldm.checkpoint import CheckpointError
 from ldm.lazy_checkpoint import open_lazy
@@ -176,16 +176,10 @@ class _FusedAdamWAlias(argparse.BooleanOptionalAction):
         setattr(namespace, self.dest, "adamw" if option_string.startswith("--no-") else "adamw-fused")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones (their help says what None means)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a ControlNet (Lightning) on a prompt.json dataset folder.", formatter_class=_HelpFormatter)
+        description="Train a ControlNet (Lightning) on a prompt.json dataset folder.",
+        formatter_class=DefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--config", default=DEFAULT_CONFIG, help="model config (cldm_v15.yaml / cldm_v21.yaml)")
     model.add_argument("--init", help="initial weights: the tool_add_control.py output or a training "

@@ -1,5 +1,5 @@
 """Argument types shared by the command lines: each refuses a bad value with one argparse error line
-(exit status 2) that names the value and what is accepted."""
+(exit status 2) that names the value and what is accepted; and their help formatter."""
 
 from __future__ import annotations
 
@@ -58,3 +58,11 @@ def available_device(text: str):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
     return device
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in its help, except None ones (their help says what None means, e.g. a
+    default that depends on another option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)

@@ -245,9 +245,9 @@ class ControlNetTrainer(L.LightningModule):
         self.learning_rate, self.sd_locked, self.prompt_dropout = learning_rate, sd_locked, prompt_dropout
         self.seed, self.locked_dtype, self.optimizer_name = seed, locked_dtype, optimizer
         self.consistency_weight, self.consistency_max_t = consistency_weight, consistency_max_t
-        # Built on first use, on the module's device; kept out of the module tree so that its extractor's
-        # weights (HED, a depth model, ...) never enter the state dict.
-        self._consistency_loss: list[Any] = []
+        # Built on first use, on the module's device; a plain function (not a submodule), so that its
+        # extractor's weights (HED, a depth model, ...) never enter the state dict.
+        self._consistency_loss: Any = None
         self.model = instantiate_from_config(model_config)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -397,17 +397,18 @@ class ControlNetTrainer(L.LightningModule):
     def consistency_loss(self) -> Any:
         """The control type's loss(images, hints, references) -> (B,) (annotator.consistency), built once on
         this module's device from the run's control record (Canny when the dataset has none)."""
-        if not self._consistency_loss:
+        if self._consistency_loss is None:
             from annotator.consistency import build_consistency_loss
             from annotator.controls import parse_control_record
 
             control, settings, annotator_model = parse_control_record(self.hparams.get("control"))
-            self._consistency_loss.append(build_consistency_loss(control, settings, annotator_model, self.device))
-        return self._consistency_loss[0]
+            self._consistency_loss = build_consistency_loss(control, settings, annotator_model, self.device)
+        return self._consistency_loss
 
-    def decode_with_grad(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1] through the frozen VAE decoder, with gradients to z; checkpointed
-        (recomputed in the backward pass) when the run uses gradient checkpointing."""
+    def decode_unit(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], float32, through the frozen VAE decoder: differentiable w.r.t. z
+        (under no_grad, plain decoding), checkpointed (recomputed in the backward pass) when the run uses
+        gradient checkpointing."""
         vae = self.model.first_stage_model
         unscaled = z / self.model.scale_factor
         if getattr(self.model.model.diffusion_model, "use_checkpoint", False):
@@ -430,9 +431,9 @@ class ControlNetTrainer(L.LightningModule):
             return model_output.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) as in other steps
         chosen = torch.tensor(chosen, device=t.device)
         predicted = self.model.predict_start(x_noisy[chosen], t[chosen], model_output[chosen])
-        images = self.decode_with_grad(predicted)
+        images = self.decode_unit(predicted)
         with torch.no_grad():
-            references = (self.model.decode_first_stage(z0[chosen]).float() / 2 + 0.5).clamp(0, 1)
+            references = self.decode_unit(z0[chosen])
         return self.consistency_loss()(images, hints[chosen].float(), references).float().mean()
 
     # ---- images for the log -------------------------------------------------------------------------
