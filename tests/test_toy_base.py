@@ -11,6 +11,7 @@ from safetensors import safe_open
 from cldm.model import create_model
 from ldm.checkpoint import CONTROL_PREFIX, load_weights, read_checkpoint
 from tests.reference import TINY_CONFIG
+from toy.classify import read_scene
 from toy.train_base import MAX_FILE_BYTES, render_images
 from toy.train_base import main as train_base_main
 from toy.vae_training import encode_means, random_crops, standardize_latents
@@ -84,3 +85,19 @@ def test_train_base_smoke_run_writes_the_original_layout(tmp_path):
     with safe_open(str(output), framework="pt") as f:
         assert all(f.get_slice(key).get_dtype() == "F32" for key in f.keys())
     assert (tmp_path / "samples.png").is_file()
+
+
+def test_the_shape_reader_reads_the_shipped_vaes_reconstructions():
+    """toy/classify.py is the measure of whether a generated image shows its edge map's shape, and a generated
+    image comes out of the same VAE decoder: the reader must read the decoder's reconstruction of each photo as
+    that photo's shape (by the fill of the bounding box alone, rounded triangle tips read as circles)."""
+    model = create_model(TOY_CONFIG)
+    load_weights(model, read_checkpoint(TOY_BASE)[0], allow_missing=(CONTROL_PREFIX,), source=str(TOY_BASE))
+    images, captions = render_images(512, seed=0, split="heldout", resolution=64)
+    vae = model.first_stage_model
+    with torch.no_grad():
+        reconstructions = torch.cat([vae.decode(vae.encode(chunk).mode()) for chunk in images.split(128)])
+    pixels = ((reconstructions.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    wanted = [caption.split()[2] for caption in captions]
+    read = [read_scene(image).shape for image in pixels]
+    assert sum(r == w for r, w in zip(read, wanted, strict=True)) / len(wanted) >= 0.95  # 0.967 (fill alone: 0.924)

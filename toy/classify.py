@@ -2,8 +2,13 @@
 
 Used to check that a generated image shows what its prompt asked for. Works on flat, roughly clean
 images: the background is the median of the border pixels, the shape is every pixel far from it, the
-colour is the nearest named colour to the shape's median, and the shape class follows from how much of
-its bounding box the shape fills (square 1, circle pi/4, triangle 1/2).
+colour is the nearest named colour to the shape's median, and the shape class follows from two ratios of
+the shape's bounding box that survive the rounded corners and tips of a decoded image: the height of the
+shape's centroid in its box (the toy's triangles point up, so theirs lies at 2/3, a circle's and a square's
+at 1/2) tells triangles apart, then the fill of the box (square 1, circle pi/4) squares from circles.
+Reading the fill alone (triangle 1/2) misreads the toy VAE's own reconstructions of the photos, whose
+small triangles come back with rounded tips: 92% of 512 held-out photos read right, against 97% with the
+centroid (tests/test_toy_base.py holds the reader to the reconstructions).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from toy.shapes import BACKGROUNDS, COLOURS
 FOREGROUND_DISTANCE = 60.0
 # Fewer shape pixels than this (of a 64 x 64 image) means "no shape" (smallest toy shape: ~370 pixels).
 MIN_SHAPE_PIXELS = 40
-# Fill-ratio boundaries halfway between the triangle (0.5), circle (pi/4) and square (1.0).
-TRIANGLE_CIRCLE_FILL = (0.5 + math.pi / 4) / 2
+# Boundaries halfway between the shapes' exact values: the centroid's height in the bounding box, from the
+# top (an upward triangle 2/3, a circle or square 1/2), and the fill of the box (circle pi/4, square 1).
+TRIANGLE_CENTROID_HEIGHT = (0.5 + 2 / 3) / 2
 CIRCLE_SQUARE_FILL = (math.pi / 4 + 1.0) / 2
 
 
@@ -43,15 +49,14 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
 
 
 def shape_class(mask: np.ndarray) -> str | None:
-    """'square' | 'circle' | 'triangle' from a (H, W) bool mask's fill of its bounding box, None if empty."""
+    """'square' | 'circle' | 'triangle' from a (H, W) bool mask (see the module doc), None if nearly empty."""
     if mask.sum() < MIN_SHAPE_PIXELS:
         return None
     rows, cols = np.nonzero(mask)
-    box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = mask.sum() / box_area
-    if fill >= CIRCLE_SQUARE_FILL:
-        return "square"
-    return "circle" if fill >= TRIANGLE_CIRCLE_FILL else "triangle"
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    if (rows - rows.min() + 0.5).mean() / height >= TRIANGLE_CENTROID_HEIGHT:
+        return "triangle"
+    return "square" if mask.sum() / (height * width) >= CIRCLE_SQUARE_FILL else "circle"
 
 
 def read_scene(image: np.ndarray) -> Reading:
