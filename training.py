@@ -59,9 +59,11 @@ from trainer.logger import ImageLogger
 from trainer.module import (
     DEFAULT_CONSISTENCY_MAX_T,
     DEFAULT_LEARNING_RATE,
+    DEFAULT_LR_SCHEDULE,
     DEFAULT_OPTIMIZER,
     DEFAULT_PROMPT_DROPOUT,
     HALF_LOCKED_DTYPES,
+    LR_SCHEDULES,
     OPTIMIZERS,
     ControlNetTrainer,
     MissingPackageError,
@@ -226,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/controlnet", help="checkpoints/, samples/ and logs/ go here")
     train.add_argument("--lr", type=positive_float, default=DEFAULT_LEARNING_RATE, help="AdamW learning rate")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=DEFAULT_LR_SCHEDULE,
+                       help="constant: --lr throughout (the original's); cosine: from --lr at the first step down to 0 "
+                            "at --max-steps (needs --max-steps; a resumed run keeps its schedule and decays over "
+                            "the --max-steps it is given)")
     train.add_argument("--precision", choices=(AUTO_PRECISION, *PRECISIONS), default=AUTO_PRECISION,
                        help="auto: bf16-mixed on CUDA GPUs with bf16 (compute capability 8.0+: A100, L4, RTX 30xx "
                             "and newer), 16-mixed on older ones (T4, V100), 32 (the original's) on CPU and MPS")
@@ -369,6 +375,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resolution % RESOLUTION_MULTIPLE:
         parser.error(f"--resolution must be a multiple of {RESOLUTION_MULTIPLE} (the VAE and the UNet downsample "
                      f"by 64 in all), got {args.resolution}")
+    if args.lr_schedule != DEFAULT_LR_SCHEDULE and args.max_steps <= 0 and not args.plan:
+        parser.error(f"--lr-schedule {args.lr_schedule} decays over --max-steps: give --max-steps")
     if args.cache_latents and args.random_crop:
         parser.error("--cache-latents holds one (centre) crop of each target: it cannot train on --random-crop")
     if args.cache_dir is not None and not args.cache_latents:
@@ -410,7 +418,8 @@ def build_module(args: argparse.Namespace, load_init: bool, precision: str) -> C
         model_config, learning_rate=args.lr, sd_locked=args.sd_locked, prompt_dropout=args.prompt_dropout,
         seed=args.seed, locked_dtype=HALF_LOCKED_DTYPES.get(precision) if args.half_locked else None,
         optimizer=args.optimizer, channels_last=args.channels_last, compile=args.compile,
-        consistency_weight=args.consistency_weight, consistency_max_t=args.consistency_max_t, config=str(args.config),
+        consistency_weight=args.consistency_weight, consistency_max_t=args.consistency_max_t,
+        lr_schedule=args.lr_schedule, config=str(args.config),
         init=args.init,
         init_control=args.init_control, data=str(args.data), control=read_control_record(args.data, args.control),
         resolution=args.resolution,

@@ -284,7 +284,11 @@ RESUME_EFFECTS = {
 RESUME_REFUSALS = {
     "sd_locked": "refused: the trainable parameters differ from those of the checkpoint's optimizer state "
                  "(to train its weights this way, start a new run with --init CHECKPOINT)",
+    "lr_schedule": "refused: the checkpoint's scheduler state belongs to its schedule (to change it, start a new "
+                   "run with --init CHECKPOINT)",
 }
+# The value of a setting in a checkpoint written before the setting existed.
+SETTING_DEFAULTS = {"lr_schedule": "constant"}
 SETTING_FLAGS = {"learning_rate": "--lr", "model_config": "--config/--attention/--gradient-checkpointing/"
                                                            "--only-mid-control"}
 
@@ -295,7 +299,7 @@ def resume_setting_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> 
     them cannot be resumed."""
     lines, refused = [], False
     for key in sorted(set(saved) | set(new)):
-        old_value, new_value = saved.get(key), new.get(key)
+        old_value, new_value = (values.get(key, SETTING_DEFAULTS.get(key)) for values in (saved, new))
         if old_value == new_value:
             continue
         flag = SETTING_FLAGS.get(key, "--" + key.replace("_", "-"))
@@ -409,13 +413,20 @@ class ResumableCheckpoint(EveryNSteps, Checkpoint):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         # Lightning restores the optimizer's parameter groups with the learning rate they were saved with;
-        # the command line's learning rate applies from the resumed step instead (see resume_setting_changes).
+        # the command line's learning rate applies from the resumed step instead (see resume_setting_changes),
+        # under the schedule at that step (the scheduler's base rate is the command line's too).
         learning_rate = getattr(pl_module, "learning_rate", None)
         if learning_rate is None:
             return
+        lr_factor = getattr(pl_module, "lr_factor", None)
+        factor = lr_factor(int(checkpoint.get("global_step", 0))) if lr_factor is not None else 1.0
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
-                group["lr"] = learning_rate
+                group["lr"] = learning_rate * factor
+        for state in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in state:
+                state["base_lrs"] = [learning_rate] * len(state["base_lrs"])
+                state["_last_lr"] = [learning_rate * factor] * len(state["base_lrs"])
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()

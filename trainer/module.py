@@ -30,7 +30,9 @@ have the original layout and dtypes whatever the run's precision.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -140,7 +142,24 @@ def training_model_config(config_path: str | os.PathLike, attention: AttentionKi
     return model_config
 
 
-def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None, optimizer: str) -> None:
+# Learning-rate schedules: the original's constant rate, or a cosine decay from the rate at the first step to 0
+# at the run's last (the trainer's max_steps), without warm-up (diffusers' train_controlnet.py names it cosine).
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LR_SCHEDULE = "constant"
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """The cosine schedule's multiplier of the rate at optimizer step `step` (0-based) of `total_steps`: 1 at the
+    first step, 1/2 halfway, 0 from the last step on."""
+    if total_steps <= 0:
+        raise ValueError(f"the cosine schedule needs a positive number of steps, got {total_steps}")
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
+def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None, optimizer: str,
+                   lr_schedule: str = DEFAULT_LR_SCHEDULE) -> None:
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not 0.0 <= prompt_dropout <= 1.0:
@@ -224,7 +243,8 @@ class ControlNetTrainer(L.LightningModule):
     state dict keys stay those of the original layout). consistency_weight: W > 0 adds ControlNet++'s
     cycle-consistency reward, W x the control type's consistency loss of the samples with t <=
     consistency_max_t (see `consistency_loss`); the control type is training_options["control"] (the
-    dataset's control record), Canny when there is none. training_options: plain values recorded in the
+    dataset's control record), Canny when there is none. lr_schedule: one of LR_SCHEDULES ("cosine" decays
+    over the trainer's max_steps, see `lr_factor`). training_options: plain values recorded in the
     checkpoint only.
     The weights are random until loaded: `load_initial_weights` or a Lightning `ckpt_path`.
     """
@@ -233,9 +253,10 @@ class ControlNetTrainer(L.LightningModule):
                  sd_locked: bool = True, prompt_dropout: float = DEFAULT_PROMPT_DROPOUT, seed: int = 0,
                  locked_dtype: str | None = None, optimizer: str = DEFAULT_OPTIMIZER, channels_last: bool = False,
                  compile: bool = False, consistency_weight: float = 0.0,
-                 consistency_max_t: int = DEFAULT_CONSISTENCY_MAX_T, **training_options: Any):
+                 consistency_max_t: int = DEFAULT_CONSISTENCY_MAX_T, lr_schedule: str = DEFAULT_LR_SCHEDULE,
+                 **training_options: Any):
         super().__init__()
-        _check_options(prompt_dropout, seed, locked_dtype, optimizer)
+        _check_options(prompt_dropout, seed, locked_dtype, optimizer, lr_schedule)
         _check_consistency(consistency_weight, consistency_max_t)
         model_config = copy.deepcopy(dict(model_config))
         _check_plain(model_config, "model_config")
@@ -245,6 +266,7 @@ class ControlNetTrainer(L.LightningModule):
         self.learning_rate, self.sd_locked, self.prompt_dropout = learning_rate, sd_locked, prompt_dropout
         self.seed, self.locked_dtype, self.optimizer_name = seed, locked_dtype, optimizer
         self.consistency_weight, self.consistency_max_t = consistency_weight, consistency_max_t
+        self.lr_schedule = lr_schedule
         # Built on first use, on the module's device; a plain function (not a submodule), so that its
         # extractor's weights (HED, a depth model, ...) never enter the state dict.
         self._consistency_loss: Any = None
@@ -294,8 +316,28 @@ class ControlNetTrainer(L.LightningModule):
             self.model.model.diffusion_model.eval()
         return self
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.optimizer_name, list(self.trainable_parameters()), self.learning_rate, self.device)
+    def configure_optimizers(self) -> Any:
+        optimizer = make_optimizer(self.optimizer_name, list(self.trainable_parameters()), self.learning_rate,
+                                   self.device)
+        if self.lr_schedule == "constant":
+            return optimizer
+        # A partial of a module-level function: LambdaLR's state dict then holds no function, and a resumed run
+        # decays over its own max_steps.
+        factor = functools.partial(cosine_factor, total_steps=self._schedule_steps())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_steps(self) -> int:
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} decays over the run's max_steps, which is not set")
+        return total
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of the learning rate at optimizer step `step` (0-based) under this run's schedule."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        return cosine_factor(step, self._schedule_steps())
 
     # ---- checkpoint contract ----------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
