@@ -12,6 +12,13 @@ The file holds the model's state dict without `control_model.*`, in the original
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`, the schedule buffers), so
 `tool_add_control.py models/toy_base.safetensors ... --config models/cldm_toy.yaml` treats it as SD 1.5.
 At the end the script prints its own evaluation (VAE reconstruction, prompt-following of samples).
+
+The shipped file was made in two runs: the VAE by the then defaults (3,000 UNet steps, EMA 0.995), then
+the UNet anew on that VAE with today's defaults, `--vae-init models/toy_base.safetensors --vae-steps 0`
+(18.6 min on a 2-core AMD EPYC; these arguments are in the file's metadata). The longer UNet run lowered
+the training loss from 0.169 to 0.135 and raised the samples' shape match from 44% to 69% and their colour
+match from 93% to 100% (both bases read by today's toy/classify.py); a ControlNet trained on it follows
+its edge maps closer (README).
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start from the first_stage_model.* of this checkpoint (with --vae-steps 0: keep it)")
     vae.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
     unet = parser.add_argument_group("UNet")
-    unet.add_argument("--unet-steps", type=int, default=3000)
+    unet.add_argument("--unet-steps", type=int, default=12000)
     unet.add_argument("--unet-batch-size", type=int, default=32)
     unet.add_argument("--unet-lr", type=float, default=1e-3)
     unet.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY)

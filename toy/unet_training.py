@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from toy.schedule import make_optimizer
 
-# Averages over the last ~200 steps: a short run's early weights stay out of the average.
-DEFAULT_EMA_DECAY = 0.995
+# Averages over the last ~500 steps: a run's early weights stay out of the average.
+DEFAULT_EMA_DECAY = 0.998
 # A share of the prompts replaced by "" so that classifier-free guidance has an unconditional model.
 DEFAULT_PROMPT_DROPOUT = 0.1
 
