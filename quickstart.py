@@ -16,9 +16,9 @@ With --reward-steps N, between 4 and 5: the trained ControlNet fine-tuned N more
 with ControlNet++'s consistency reward (training.py --consistency-weight) and without it, both scored (the
 project's F1, ControlNet++'s protocol F1, the shape)         -> OUT/fine_tuned_reward/, OUT/fine_tuned_plain/
 The ControlNet trains with the base UNet's decoder unlocked (`--no-sd-locked`, the paper's advice for a small
-specialised domain), its rate decaying from --lr to 0
-(`--lr-schedule cosine`: the last, slow steps sharpen the shapes). So that the gain is not the tuned decoder's,
-the trained model is also scored with its control switched off ("trained, no control").
+specialised domain), its rate decaying from --lr to 0 (`--lr-schedule cosine`: the last, slow steps sharpen the
+shapes). So that the gain is not the tuned decoder's, the trained model is also scored with its control
+switched off ("trained, no control").
 Each step is the script's own `main(argv)`, as a user or a notebook would call it.
 """
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import training
+from common.lr_schedule import cosine_factor
 from tests.training_helpers import TINY_LR, AtStep, read_training_checkpoint, send, train_args
 from trainer import checkpointing
 from trainer.checkpointing import LAST, ResumeRefusedError
-from trainer.module import cosine_factor
 
 STEPS = 6
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
+
+from common.lr_schedule import cosine_factor
 
 # Fraction of the steps spent warming the learning rate up linearly from 0.
 WARMUP_FRACTION = 0.05
@@ -16,8 +17,7 @@ def warmup_cosine(step: int, total_steps: int) -> float:
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_factor(step - warmup, max(1, total_steps - warmup))
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], learning_rate: float, total_steps: int

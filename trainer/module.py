@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -44,6 +43,7 @@ from torch import nn
 
 from cldm.model import load_config, with_model_options
 from cldm.sampling import sample_images
+from common.lr_schedule import cosine_factor
 from ldm.checkpoint import LoadReport, load_weights
 from ldm.lazy_checkpoint import open_lazy
 from ldm.modules.attention import AttentionKind
@@ -146,14 +146,6 @@ def training_model_config(config_path: str | os.PathLike, attention: AttentionKi
 # at the run's last (the trainer's max_steps), without warm-up (diffusers' train_controlnet.py names it cosine).
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LR_SCHEDULE = "constant"
-
-
-def cosine_factor(step: int, total_steps: int) -> float:
-    """The cosine schedule's multiplier of the rate at optimizer step `step` (0-based) of `total_steps`: 1 at the
-    first step, 1/2 halfway, 0 from the last step on."""
-    if total_steps <= 0:
-        raise ValueError(f"the cosine schedule needs a positive number of steps, got {total_steps}")
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
 def _check_options(prompt_dropout: float, seed: int, locked_dtype: str | None, optimizer: str,
